@@ -1,0 +1,179 @@
+"""Customized Gate Control (CGC) and Progressive Layered Extraction (PLE), Tang et al., RecSys 2020.
+
+One extraction level has, per task k, m_k task-specific experts E_k and m_s shared experts E_s.
+Task k's gate mixes its own and the shared experts, computed from task k's input x_k:
+    g_k(x_k) = softmax(W_k x_k),   y_k = g_k(x_k)^T [E_k(x_k); E_s(x_s)]        (paper Eq. 2-4)
+Every level but the last also has a shared gate over all experts of the level, from x_s:
+    y_s = g_s(x_s)^T [E_1(x_1); ...; E_T(x_T); E_s(x_s)]
+Level 1 reads x everywhere (x_k = x_s = x). Level j > 1 reads level j-1's outputs:
+x_k = y_k, x_s = y_s (Eq. 5). The towers read the last level's y_k. CGC is PLE with one level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mtlrec.models.base import Backbone, BackboneOutput
+from mtlrec.nn import ExpertBank, Gate
+
+
+class ExtractionLevel(nn.Module):
+    """One CGC level, with every expert of the level in one fused bank.
+
+    Experts are ordered task 0's, task 1's, ..., then the shared ones. Each gate's weights are
+    scattered into a `[B, gates, E]` matrix (zeros for the experts it does not mix), so all
+    gates mix their experts in one batched product.
+
+    Input: x `[B, I]` on the first level, else `[T+1, B, I]` (each task's input, then the
+    shared input). Output: task outputs `[B, T, H]`, shared output `[B, H]` (None without a
+    shared gate), and the gate weights by name.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        task_names: Sequence[str],
+        task_experts: Sequence[int],
+        shared_experts: int,
+        expert_hidden: Sequence[int],
+        gate_hidden: Sequence[int],
+        shared_gate: bool,
+        first: bool,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+        name: str = "level1",
+    ):
+        super().__init__()
+        t = len(task_names)
+        if len(task_experts) != t:
+            raise ValueError(f"task_experts has {len(task_experts)} entries for {t} tasks")
+        if any(m < 0 for m in task_experts) or shared_experts < 0:
+            raise ValueError("expert counts must be >= 0")
+        for task, m in zip(task_names, task_experts):
+            if m + shared_experts == 0:
+                raise ValueError(f"task {task!r} has no expert to read: give it task or shared experts")
+        self.first = first
+        self.num_tasks = t
+        expert_groups = [k for k, m in enumerate(task_experts) for _ in range(m)] + [t] * shared_experts
+        num_experts = len(expert_groups)
+        self.experts = ExpertBank(
+            in_dim, num_experts, expert_hidden, activation, dropout, batch_norm,
+            groups=[0] * num_experts if first else expert_groups,
+        )
+        shared_columns = list(range(num_experts - shared_experts, num_experts))
+        columns = [
+            [e for e, g in enumerate(expert_groups) if g == k] + shared_columns for k in range(t)
+        ]
+        owners = [task_names[g] if g < t else "shared" for g in expert_groups]
+        labels = [f"{owner}/{owners[:e].count(owner)}" for e, owner in enumerate(owners)]
+        self.gate_names = [f"{name}/{task}" for task in task_names]
+        if shared_gate:
+            columns.append(list(range(num_experts)))
+            self.gate_names.append(f"{name}/shared")
+        self.gates = nn.ModuleList(Gate(in_dim, len(c), gate_hidden, activation) for c in columns)
+        self.gate_experts = {
+            g: [f"{name}/{labels[e]}" for e in c] for g, c in zip(self.gate_names, columns)
+        }
+        flat = [g * num_experts + e for g, c in enumerate(columns) for e in c]
+        self.register_buffer("mix_index", torch.tensor(flat), persistent=False)
+        self.num_experts = num_experts
+        self.shared_gate = shared_gate
+        self.out_dim = self.experts.out_dim
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        experts = self.experts(x)  # [B, E, H]
+        weights = [gate(x if self.first else x[g]) for g, gate in enumerate(self.gates)]
+        b, n_gates = experts.shape[0], len(self.gates)
+        mix = experts.new_zeros(b, n_gates * self.num_experts)
+        mix = mix.index_copy(1, self.mix_index, torch.cat(weights, dim=1))
+        mixed = torch.bmm(mix.view(b, n_gates, self.num_experts), experts)  # [B, gates, H]
+        shared = mixed[:, self.num_tasks] if self.shared_gate else None
+        return mixed[:, : self.num_tasks], shared, dict(zip(self.gate_names, weights))
+
+
+class PLE(Backbone):
+    """Progressive Layered Extraction: `num_levels` stacked CGC levels. x `[B, I]` -> `[B, T, H]`.
+
+    Args:
+        num_levels: extraction levels (1 = CGC).
+        task_experts: experts per task on every level: an int for all tasks, or one per task.
+        shared_experts: shared experts per level.
+        expert_hidden: expert layer sizes, the same on every level (e.g. `[256, 128]`), or one
+            list per level (e.g. `[[256, 128], [64]]`).
+        gate_hidden: hidden layers of every gate (empty: the paper's linear softmax gate).
+        activation, dropout, batch_norm: of the experts.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        task_names: Sequence[str],
+        num_levels: int = 2,
+        task_experts: int | Sequence[int] = 1,
+        shared_experts: int = 1,
+        expert_hidden: Sequence[int] | Sequence[Sequence[int]] = (256, 128),
+        gate_hidden: Sequence[int] = (),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ):
+        super().__init__()
+        if num_levels < 1:
+            raise ValueError("num_levels must be >= 1")
+        t = len(task_names)
+        counts = [task_experts] * t if isinstance(task_experts, int) else list(task_experts)
+        if expert_hidden and not isinstance(expert_hidden[0], int):
+            per_level = [list(h) for h in expert_hidden]
+            if len(per_level) != num_levels:
+                raise ValueError(f"expert_hidden has {len(per_level)} lists for {num_levels} levels")
+        else:
+            per_level = [list(expert_hidden)] * num_levels
+        self.levels = nn.ModuleList()
+        width = in_dim
+        for j, hidden in enumerate(per_level):
+            level = ExtractionLevel(
+                width, task_names, counts, shared_experts, hidden, gate_hidden,
+                shared_gate=j < num_levels - 1, first=j == 0, activation=activation,
+                dropout=dropout, batch_norm=batch_norm, name=f"level{j + 1}",
+            )
+            self.levels.append(level)
+            width = level.out_dim
+        self.out_dim = width
+        self.gate_experts = {g: e for level in self.levels for g, e in level.gate_experts.items()}
+
+    def forward(self, x: Tensor) -> BackboneOutput:
+        gates: dict[str, Tensor] = {}
+        for level in self.levels:
+            task_reps, shared, level_gates = level(x)
+            gates.update(level_gates)
+            if shared is not None:
+                x = torch.cat([task_reps, shared.unsqueeze(1)], dim=1).transpose(0, 1)  # [T+1, B, H]
+        return BackboneOutput(task_reps, gates)
+
+
+class CGC(PLE):
+    """Customized Gate Control: one PLE level (no shared gate). x `[B, I]` -> `[B, T, H]`.
+
+    Args: as PLE, without num_levels.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        task_names: Sequence[str],
+        task_experts: int | Sequence[int] = 1,
+        shared_experts: int = 1,
+        expert_hidden: Sequence[int] = (256, 128),
+        gate_hidden: Sequence[int] = (),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ):
+        super().__init__(
+            in_dim, task_names, 1, task_experts, shared_experts, expert_hidden, gate_hidden,
+            activation, dropout, batch_norm,
+        )

@@ -1,0 +1,47 @@
+"""Turns a batch of raw ids and dense values into one input vector per row."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mtlrec.schema import Schema
+
+
+class FeatureEmbedding(nn.Module):
+    """Embeds every sparse feature and appends the dense values.
+
+    Sparse features of equal embedding size share one table, each feature owning a slice of
+    rows (an id offset), so a batch needs one lookup per distinct size instead of one per feature.
+
+    Input: sparse ids `[B, S]` (int64, feature f in `[0, vocab_size_f)`), dense `[B, D]`.
+    Output: `[B, out_dim]` with out_dim = sum of embedding sizes + D; the embeddings come
+    grouped by embedding size (schema order within a size), the dense values last.
+    """
+
+    def __init__(self, schema: Schema):
+        super().__init__()
+        schema.require_vocab()
+        self.num_dense = len(schema.dense)
+        dims = sorted({f.embedding_dim for f in schema.sparse})
+        self.tables = nn.ModuleList()
+        for i, dim in enumerate(dims):
+            members = [j for j, f in enumerate(schema.sparse) if f.embedding_dim == dim]
+            sizes = [schema.sparse[j].vocab_size for j in members]
+            offsets = torch.tensor([0] + sizes[:-1]).cumsum(0)
+            table = nn.Embedding(sum(sizes), dim)
+            nn.init.normal_(table.weight, std=0.01)
+            self.tables.append(table)
+            self.register_buffer(f"columns_{i}", torch.tensor(members), persistent=False)
+            self.register_buffer(f"offsets_{i}", offsets, persistent=False)
+        self.out_dim = sum(f.embedding_dim for f in schema.sparse) + self.num_dense
+
+    def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
+        parts = []
+        for i, table in enumerate(self.tables):
+            columns = getattr(self, f"columns_{i}")
+            ids = sparse.index_select(1, columns) + getattr(self, f"offsets_{i}")
+            parts.append(table(ids).flatten(1))
+        if self.num_dense:
+            parts.append(dense)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]

@@ -1,0 +1,98 @@
+"""What the columns mean: sparse and dense input features, and the tasks to predict.
+
+A `Schema` is the one place that names the model's inputs and outputs. Tensors index
+features and tasks in schema order: `sparse` ids are `[B, S]` with S = len(schema.sparse),
+`dense` values `[B, D]`, labels and logits `[B, T]` with T = len(schema.tasks).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+TaskType = Literal["binary", "regression"]
+
+
+class _Strict(BaseModel):
+    """Base for every config block: unknown fields are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SparseFeature(_Strict):
+    """A categorical column, embedded through a learned table.
+
+    `vocab_size` counts every id the table holds, the out-of-vocabulary id 0 included; the
+    encoder sets it from the training split, so a config normally leaves it out.
+    """
+
+    name: str
+    embedding_dim: PositiveInt = 8
+    vocab_size: PositiveInt | None = None
+    min_freq: PositiveInt = Field(1, description="rarer categories map to the out-of-vocabulary id 0")
+
+
+class DenseFeature(_Strict):
+    """A numeric column, standardised with the training split's mean and std."""
+
+    name: str
+
+
+class Task(_Strict):
+    """One prediction target.
+
+    binary: label in {0, 1}, log loss, reported with AUC; regression: real label, MSE.
+    A missing label (empty cell / NaN) leaves the row out of this task's loss and metrics.
+    """
+
+    name: str
+    type: TaskType = "binary"
+    label: str | None = Field(None, description="label column; defaults to the task name")
+    weight: float = Field(1.0, ge=0.0, description="fixed weight of this task's loss")
+
+    @property
+    def column(self) -> str:
+        return self.label or self.name
+
+
+class Schema(_Strict):
+    sparse: list[SparseFeature] = []
+    dense: list[DenseFeature] = []
+    tasks: list[Task]
+
+    @model_validator(mode="after")
+    def _check(self) -> Schema:
+        if not self.tasks:
+            raise ValueError("at least one task is needed")
+        if not self.sparse and not self.dense:
+            raise ValueError("at least one sparse or dense feature is needed")
+        for kind, names in (
+            ("feature", [f.name for f in self.sparse] + [f.name for f in self.dense]),
+            ("task", [t.name for t in self.tasks]),
+        ):
+            seen = {n for n in names if names.count(n) > 1}
+            if seen:
+                raise ValueError(f"duplicate {kind} names: {sorted(seen)}")
+        labels = {t.column for t in self.tasks}
+        inputs = {f.name for f in self.sparse} | {f.name for f in self.dense}
+        if labels & inputs:
+            raise ValueError(f"label columns used as input features: {sorted(labels & inputs)}")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def require_vocab(self) -> None:
+        """Raise if a sparse feature has no vocabulary size yet (the encoder sets it)."""
+        missing = [f.name for f in self.sparse if f.vocab_size is None]
+        if missing:
+            raise ValueError(
+                f"sparse features without vocab_size: {missing}; fit an Encoder on the data "
+                "or set vocab_size in the schema"
+            )
