@@ -1,0 +1,196 @@
+"""The experiment config: one YAML file names the data, features, tasks, model, training and seed.
+
+`load_config(path, overrides)` reads it, applies `key.sub=value` overrides and validates it;
+a wrong or unknown field fails with a `ConfigError` naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mtlrec import models
+from mtlrec.data.synthetic import SyntheticConfig, synthetic_schema
+from mtlrec.losses.weighting import WEIGHTINGS
+from mtlrec.schema import DenseFeature, Schema, SparseFeature, Task, _Strict
+from mtlrec.train.metrics import HIGHER_IS_BETTER
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message names the field."""
+
+
+class DataConfig(_Strict):
+    source: Literal["synthetic", "files"] = "synthetic"
+    synthetic: SyntheticConfig = SyntheticConfig()
+    train: str | None = Field(None, description="CSV/Parquet file (source: files)")
+    valid: str | None = Field(None, description="optional; else split off train")
+    test: str | None = Field(None, description="optional; else split off train")
+    valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.source == "files" and not self.train:
+            raise ValueError("source 'files' needs data.train (a CSV or Parquet file)")
+        if self.valid_fraction + self.test_fraction >= 1.0:
+            raise ValueError("valid_fraction + test_fraction must be < 1")
+        return self
+
+
+class Features(_Strict):
+    sparse: list[SparseFeature] = []
+    dense: list[DenseFeature] = []
+
+
+class ModelConfig(BaseModel):
+    """`name` plus the model's own options (see `mtlrec models`), checked against the model."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "ple"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        models.check_options(self.name, self.options)
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EarlyStopping(_Strict):
+    metric: str = Field("loss", description="validation metric: 'loss', 'loss/TASK', 'auc/TASK', 'mse/TASK', ...")
+    patience: int | None = Field(3, ge=1, description="epochs without improvement; null = never stop early")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(512, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    weighting: str = "fixed"
+    early_stopping: EarlyStopping = EarlyStopping()
+    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; allowed: {sorted(WEIGHTINGS)}")
+        return self
+
+
+class Experiment(_Strict):
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    features: Features | None = Field(None, description="required for file data; synthetic data brings its own")
+    tasks: list[Task] | None = Field(None, description="required for file data; synthetic data brings its own")
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    output_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _complete(self) -> Experiment:
+        if self.features is None or self.tasks is None:
+            if self.data.source != "synthetic":
+                raise ValueError("features and tasks are required for file data")
+            default = synthetic_schema(self.data.synthetic)
+            if self.features is None:
+                self.features = Features(sparse=default.sparse, dense=default.dense)
+            if self.tasks is None:
+                self.tasks = default.tasks
+        schema = self.schema  # validates names
+        metric = self.train.early_stopping.metric
+        allowed = ["loss"] + [f"loss/{t.name}" for t in schema.tasks] + [
+            f"{m}/{t.name}" for t in schema.tasks
+            for m in (("auc", "logloss") if t.type == "binary" else ("mse", "mae"))
+        ]
+        if metric not in allowed:
+            raise ValueError(f"train.early_stopping.metric {metric!r} is not one of {allowed}")
+        return self
+
+    @property
+    def schema(self) -> Schema:
+        return Schema(sparse=self.features.sparse, dense=self.features.dense, tasks=self.tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_config(source: str | Path | dict, overrides: list[str] = ()) -> Experiment:
+    """Read a YAML file (or a dict), apply `a.b=value` overrides, validate."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"no such config file: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of fields")
+    raw = apply_overrides(raw, overrides)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> Experiment:
+    try:
+        return Experiment.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=0.01", "model.name=mmoe"]` -> a copy of raw with those set (values parsed as YAML)."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        allowed = _fields_at(error["loc"][:-1])
+        message = f"unknown field; allowed: {allowed}" if allowed else "unknown field"
+    return f"  {loc}: {message}"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names of the config block at `loc` (e.g. ("train", "early_stopping"))."""
+    cls: Any = Experiment
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        for candidate in (annotation, *getattr(annotation, "__args__", ())):
+            inner = getattr(candidate, "__args__", (candidate,))
+            found = [c for c in (candidate, *inner) if isinstance(c, type) and issubclass(c, BaseModel)]
+            if found:
+                cls = found[0]
+                break
+        else:
+            return []
+    return sorted(cls.model_fields)

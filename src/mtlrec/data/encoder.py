@@ -1,0 +1,152 @@
+"""Raw table columns -> model tensors, fitted on the training split and saved with the model.
+
+Sparse: each category seen at least `min_freq` times in training gets an id 1..n; id 0 is the
+out-of-vocabulary id, taken by unseen categories and missing cells.
+Dense: standardised with the training mean and std; a missing cell becomes the training
+mean (0 after scaling).
+Labels: binary labels must be 0/1, regression labels finite; a missing label (NaN / empty)
+leaves the row out of that task (label mask False).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mtlrec.data.tensors import TensorData
+from mtlrec.schema import Schema
+
+
+class DataError(ValueError):
+    """The data does not fit the schema; the message names the column (and row)."""
+
+
+class Encoder:
+    def __init__(self, schema: Schema, vocabularies: dict[str, list[str]] | None = None,
+                 scalers: dict[str, tuple[float, float]] | None = None):
+        self.raw_schema = schema
+        self.vocabularies = vocabularies or {}
+        self.scalers = scalers or {}
+
+    @property
+    def fitted(self) -> bool:
+        return len(self.vocabularies) == len(self.raw_schema.sparse) and len(self.scalers) == len(
+            self.raw_schema.dense
+        )
+
+    def fit(self, table: pd.DataFrame) -> Encoder:
+        """Learn vocabularies and scalers from the training table."""
+        if len(table) == 0:
+            raise DataError("cannot fit the encoder on an empty table")
+        _require_columns(table, [f.name for f in self.raw_schema.sparse + self.raw_schema.dense])
+        for feature in self.raw_schema.sparse:
+            counts = _categories(table[feature.name]).value_counts()
+            kept = counts[counts >= feature.min_freq].index
+            self.vocabularies[feature.name] = sorted(str(v) for v in kept)
+        for feature in self.raw_schema.dense:
+            values = _numeric(table[feature.name], feature.name)
+            mean, std = float(np.nanmean(values)), float(np.nanstd(values))
+            if not np.isfinite(mean):
+                raise DataError(f"dense column {feature.name!r} has no values in the training split")
+            self.scalers[feature.name] = (mean, std if std > 0 else 1.0)
+        return self
+
+    @property
+    def schema(self) -> Schema:
+        """The schema with each sparse feature's vocab_size (vocabulary + the OOV id)."""
+        sparse = [
+            f.model_copy(update={"vocab_size": len(self.vocabularies[f.name]) + 1})
+            for f in self.raw_schema.sparse
+        ]
+        return self.raw_schema.model_copy(update={"sparse": sparse})
+
+    def transform(self, table: pd.DataFrame, labels: bool = True) -> TensorData:
+        """Encode a table. With `labels=False` label columns are not read (prediction)."""
+        if not self.fitted:
+            raise RuntimeError("Encoder.transform before fit")
+        if len(table) == 0:
+            raise DataError("the table has no rows")
+        s = self.raw_schema
+        needed = [f.name for f in s.sparse + s.dense] + ([t.column for t in s.tasks] if labels else [])
+        _require_columns(table, needed)
+        n = len(table)
+        sparse = np.zeros((n, len(s.sparse)), dtype=np.int64)
+        for j, f in enumerate(s.sparse):
+            codes = pd.Categorical(_categories(table[f.name]), categories=self.vocabularies[f.name]).codes
+            sparse[:, j] = codes.astype(np.int64) + 1  # unseen / missing: -1 -> 0
+        dense = np.zeros((n, len(s.dense)), dtype=np.float32)
+        for j, f in enumerate(s.dense):
+            mean, std = self.scalers[f.name]
+            values = (_numeric(table[f.name], f.name) - mean) / std
+            dense[:, j] = np.nan_to_num(values, nan=0.0)
+        label_values = np.zeros((n, len(s.tasks)), dtype=np.float32)
+        mask = np.zeros((n, len(s.tasks)), dtype=bool)
+        if labels:
+            for k, task in enumerate(s.tasks):
+                values = _numeric(table[task.column], task.column)
+                present = ~np.isnan(values)
+                _check_labels(values, present, task.column, task.type, table.index)
+                label_values[:, k] = np.where(present, values, 0.0)
+                mask[:, k] = present
+        return TensorData(
+            torch.from_numpy(sparse), torch.from_numpy(dense),
+            torch.from_numpy(label_values), torch.from_numpy(mask),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.raw_schema.model_dump(),
+            "vocabularies": self.vocabularies,
+            "scalers": {k: list(v) for k, v in self.scalers.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Encoder:
+        return cls(
+            Schema.model_validate(state["schema"]),
+            state["vocabularies"],
+            {k: (float(v[0]), float(v[1])) for k, v in state["scalers"].items()},
+        )
+
+
+def _require_columns(table: pd.DataFrame, names: list[str]) -> None:
+    missing = [c for c in names if c not in table.columns]
+    if missing:
+        raise DataError(f"missing column(s) {missing}; the table has {list(table.columns)}")
+
+
+def _categories(column: pd.Series) -> pd.Series:
+    """Category values as strings (missing stays missing); 3, 3.0 and "3" are one category."""
+    if pd.api.types.is_float_dtype(column):
+        present = column.dropna()
+        if np.all(np.mod(present, 1) == 0):
+            column = column.astype("Int64")
+    return column.astype("string")
+
+
+def _numeric(column: pd.Series, name: str) -> np.ndarray:
+    if pd.api.types.is_bool_dtype(column):
+        return column.to_numpy(dtype=np.float64)
+    values = pd.to_numeric(column, errors="coerce")
+    bad = values.isna() & column.notna()
+    if bad.any():
+        row = bad.to_numpy().nonzero()[0][0]
+        raise DataError(
+            f"column {name!r} must be numeric: row {column.index[row]!r} holds {column.iloc[row]!r}"
+        )
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _check_labels(values: np.ndarray, present: np.ndarray, name: str, kind: str, index: pd.Index) -> None:
+    if kind == "binary":
+        bad = present & (values != 0) & (values != 1)
+        rule = "0 or 1"
+    else:
+        bad = present & ~np.isfinite(values)
+        rule = "finite"
+    if bad.any():
+        row = bad.nonzero()[0][0]
+        raise DataError(f"label column {name!r} must be {rule}: row {index[row]!r} holds {values[row]!r}")

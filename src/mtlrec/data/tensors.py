@@ -1,0 +1,44 @@
+"""Encoded data as pre-built tensors, sliced into batches without per-row Python."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TensorData:
+    """Encoded rows: sparse ids `[N, S]` int64, dense `[N, D]` float32,
+    labels `[N, T]` float32 (0 where missing) and label mask `[N, T]` bool (True = label present).
+    """
+
+    sparse: Tensor
+    dense: Tensor
+    labels: Tensor
+    mask: Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def _map(self, fn) -> TensorData:
+        return TensorData(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> TensorData:
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def take(self, index: Tensor) -> TensorData:
+        return self._map(lambda t: t.index_select(0, index))
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[TensorData]:
+        """Consecutive batches (views); with a generator, of a fresh permutation of the rows."""
+        data = self
+        if generator is not None:
+            data = self.take(torch.randperm(len(self), generator=generator).to(self.labels.device))
+        for start in range(0, len(data), batch_size):
+            yield data._map(lambda t: t[start : start + batch_size])
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)

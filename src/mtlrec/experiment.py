@@ -1,0 +1,84 @@
+"""One experiment end to end: data -> encoder -> model -> training -> test metrics -> model folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mtlrec.config import Experiment
+from mtlrec.data import Encoder, make_synthetic, read_table
+from mtlrec.trained import TrainedModel
+from mtlrec.train.trainer import Trainer
+
+
+@dataclass
+class Splits:
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame | None
+
+
+@dataclass
+class RunResult:
+    trained: TrainedModel
+    history: list[dict[str, float]]
+    test_metrics: dict[str, float]
+    folder: Path | None
+    seconds: float
+    parameters: int
+
+
+def load_splits(config: Experiment) -> Splits:
+    """The train / valid / test tables: synthetic or read from files; a split missing as a file
+    is cut from the training table by a seeded shuffle (valid_fraction, test_fraction)."""
+    data = config.data
+    if data.source == "synthetic":
+        table = make_synthetic(data.synthetic, seed=config.seed)
+        valid, test = None, None
+    else:
+        table = read_table(data.train)
+        valid = read_table(data.valid) if data.valid else None
+        test = read_table(data.test) if data.test else None
+    order = np.random.default_rng(config.seed).permutation(len(table))
+    n_test = 0 if test is not None else int(round(len(table) * data.test_fraction))
+    n_valid = 0 if valid is not None else int(round(len(table) * data.valid_fraction))
+    if test is None and n_test:
+        test = table.iloc[order[:n_test]]
+    if valid is None:
+        valid = table.iloc[order[n_test : n_test + n_valid]]
+    train = table.iloc[np.sort(order[n_test + n_valid :])] if n_test + n_valid else table
+    return Splits(train.reset_index(drop=True), valid.reset_index(drop=True),
+                  None if test is None else test.reset_index(drop=True))
+
+
+def run_experiment(config: Experiment, folder: str | Path | None = None, splits: Splits | None = None) -> RunResult:
+    """Train `config`'s model; save it (with its epoch log and test metrics) to `folder` if given."""
+    start = time.perf_counter()
+    splits = splits or load_splits(config)
+    encoder = Encoder(config.schema).fit(splits.train)
+    train, valid = encoder.transform(splits.train), encoder.transform(splits.valid)
+    torch.manual_seed(config.seed)
+    trained = TrainedModel.build(config, encoder)
+    log_path = None
+    if folder is not None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        log_path = folder / "epochs.jsonl"
+        log_path.unlink(missing_ok=True)
+    trainer = Trainer(trained.model, encoder.schema, config.train, seed=config.seed, log_path=log_path)
+    history = trainer.fit(train, valid)
+    test_metrics = trainer.evaluate(encoder.transform(splits.test)) if splits.test is not None else {}
+    trained.model.cpu()
+    seconds = time.perf_counter() - start
+    parameters = sum(p.numel() for p in trained.model.parameters())
+    if folder is not None:
+        trained.save(folder)
+        summary = {"test": test_metrics, "seconds": seconds, "parameters": parameters, "epochs": len(history)}
+        (folder / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(trained, history, test_metrics, folder, seconds, parameters)

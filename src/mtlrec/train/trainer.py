@@ -1,0 +1,158 @@
+"""Joint training: every step minimises the weighted sum of all tasks' masked losses."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mtlrec.config import TrainConfig
+from mtlrec.data.tensors import TensorData
+from mtlrec.losses import create_weighting, task_losses
+from mtlrec.schema import Schema
+from mtlrec.train.metrics import higher_is_better, task_metrics
+
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+class Trainer:
+    """Trains `model` on encoded data and reports per-task metrics on whole splits.
+
+    Each epoch shuffles the training rows with a generator seeded from `seed`, so two runs
+    with one seed see the same batches; validation runs after every epoch, and the best
+    epoch's weights (by `config.early_stopping.metric`) are kept.
+    """
+
+    def __init__(self, model: nn.Module, schema: Schema, config: TrainConfig, seed: int = 0,
+                 log_path: str | Path | None = None):
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.schema = schema
+        self.config = config
+        self.seed = seed
+        self.weighting = create_weighting(config.weighting, schema).to(self.device)
+        self.eval_weights = torch.tensor([t.weight for t in schema.tasks], device=self.device)
+        params = list(self.model.parameters()) + list(self.weighting.parameters())
+        self.optimizer = OPTIMIZERS[config.optimizer](params, lr=config.lr, weight_decay=config.weight_decay)
+        self.binary = torch.tensor([t.type == "binary" for t in schema.tasks], device=self.device)
+        self.log_path = Path(log_path) if log_path else None
+        self.has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        self.history: list[dict[str, float]] = []
+
+    def fit(self, train: TensorData, valid: TensorData | None = None) -> list[dict[str, float]]:
+        """Train for `config.epochs` (or until early stopping); returns one metrics row per epoch."""
+        cfg = self.config
+        train = train.to(self.device)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        stop = cfg.early_stopping
+        monitor, best, best_state, waited = f"valid/{stop.metric}", None, None, 0
+        sign = 1.0 if higher_is_better(stop.metric) else -1.0
+        for epoch in range(1, cfg.epochs + 1):
+            start = time.perf_counter()
+            train_loss = self._train_epoch(train, generator, epoch)
+            row = {"epoch": epoch, "train/loss": train_loss, "seconds": time.perf_counter() - start}
+            if valid is not None:
+                row |= {f"valid/{k}": v for k, v in self.evaluate(valid).items()}
+            self._log(row)
+            if valid is None:
+                continue
+            score = row[monitor]
+            if best is None or (not math.isnan(score) and sign * (score - best) > 0):
+                best, best_state, waited = score, copy.deepcopy(self.model.state_dict()), 0
+            else:
+                waited += 1
+                if stop.patience is not None and waited >= stop.patience:
+                    break
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        return self.history
+
+    def _train_epoch(self, train: TensorData, generator: torch.Generator, epoch: int) -> float:
+        self.model.train()
+        bs = self.config.batch_size
+        total = torch.zeros((), device=self.device)
+        steps = 0
+        bar = tqdm(total=train.num_batches(bs), desc=f"epoch {epoch}", disable=None if self.config.progress else True,
+                   leave=False, dynamic_ncols=True)
+        refresh = max(1, train.num_batches(bs) // 50)  # a host sync for the shown loss ~50 times an epoch
+        for batch in train.batches(bs, generator):
+            if self.has_batch_norm and len(batch) == 1:
+                continue  # batch norm cannot train on one row
+            logits = self.model(batch.sparse, batch.dense).logits
+            loss = self.weighting(task_losses(logits, batch.labels, batch.mask, self.binary))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.detach()
+            steps += 1
+            bar.update()
+            if steps % refresh == 0:
+                bar.set_postfix(loss=f"{total.item() / steps:.4f}")
+        bar.close()
+        return total.item() / max(steps, 1)
+
+    @torch.no_grad()
+    def logits(self, data: TensorData, batch_size: int | None = None) -> Tensor:
+        """Logits `[N, T]` for every row, in order."""
+        self.model.eval()
+        data = data.to(self.device)
+        parts = [self.model(b.sparse, b.dense).logits for b in data.batches(batch_size or 4 * self.config.batch_size)]
+        return torch.cat(parts)
+
+    def evaluate(self, data: TensorData) -> dict[str, float]:
+        """Weighted loss, per-task losses and metrics over the whole split."""
+        return evaluate_logits(self.schema, self.logits(data), data.to(self.device), self.eval_weights)
+
+    def _log(self, row: dict[str, float]) -> None:
+        self.history.append(row)
+        if self.config.progress:
+            shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+            tqdm.write(shown)
+        if self.log_path:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def evaluate_logits(schema: Schema, logits: Tensor, data: TensorData, weights: Tensor) -> dict[str, float]:
+    binary = torch.tensor([t.type == "binary" for t in schema.tasks], device=logits.device)
+    losses = task_losses(logits, data.labels, data.mask, binary)
+    out = {"loss": float((weights * losses).sum())}
+    out |= {f"loss/{name}": float(v) for name, v in zip(schema.task_names, losses)}
+    predictions = torch.where(binary, torch.sigmoid(logits), logits)
+    out |= task_metrics(schema, *(t.cpu().numpy() for t in (predictions, data.labels, data.mask)))
+    return out
+
+
+def constant_baseline(schema: Schema, train: TensorData, data: TensorData) -> dict[str, float]:
+    """Metrics of predicting each task's training mean for every row (what a model must beat)."""
+    mean = (train.labels * train.mask).sum(0) / train.mask.sum(0).clamp(min=1)
+    binary = torch.tensor([t.type == "binary" for t in schema.tasks])
+    p = mean.clamp(1e-6, 1 - 1e-6)
+    logits = torch.where(binary, torch.log(p / (1 - p)), mean).expand(len(data), -1)
+    weights = torch.tensor([t.weight for t in schema.tasks])
+    return evaluate_logits(schema, logits, data.to("cpu"), weights)
+
+
+__all__ = ["Trainer", "constant_baseline", "evaluate_logits", "resolve_device"]

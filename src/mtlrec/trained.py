@@ -1,0 +1,81 @@
+"""A trained model with everything it needs: the experiment config, the fitted encoder and
+the weights. Saved as a folder (`model.safetensors`, `config.yaml`, `encoder.json`) that
+`mtlrec.load(folder)` reads with nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from mtlrec import models
+from mtlrec.config import Experiment, validate_config
+from mtlrec.data.encoder import Encoder
+from mtlrec.train.trainer import evaluate_logits
+
+WEIGHTS, CONFIG, ENCODER = "model.safetensors", "config.yaml", "encoder.json"
+
+
+class TrainedModel:
+    def __init__(self, config: Experiment, encoder: Encoder, model: nn.Module):
+        self.config = config
+        self.encoder = encoder
+        self.model = model
+
+    @property
+    def schema(self):
+        return self.encoder.schema
+
+    @classmethod
+    def build(cls, config: Experiment, encoder: Encoder) -> TrainedModel:
+        """A fresh (untrained) model for a config and a fitted encoder."""
+        return cls(config, encoder, models.create(config.model.name, encoder.schema, **config.model.options))
+
+    @torch.no_grad()
+    def logits(self, table: pd.DataFrame, labels: bool = False, batch_size: int = 8192) -> torch.Tensor:
+        data = self.encoder.transform(table, labels=labels)
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        parts = [self.model(b.sparse.to(device), b.dense.to(device)).logits.cpu() for b in data.batches(batch_size)]
+        return torch.cat(parts)
+
+    def predict(self, table: pd.DataFrame, batch_size: int = 8192) -> pd.DataFrame:
+        """One column per task: probability (binary) or value (regression); rows as in `table`."""
+        logits = self.logits(table, batch_size=batch_size)
+        binary = torch.tensor([t.type == "binary" for t in self.schema.tasks])
+        values = models.base.to_predictions(logits, binary).numpy()
+        return pd.DataFrame(values, columns=self.schema.task_names, index=table.index)
+
+    def evaluate(self, table: pd.DataFrame) -> dict[str, float]:
+        """Loss and per-task metrics on a labelled table."""
+        data = self.encoder.transform(table)
+        weights = torch.tensor([t.weight for t in self.schema.tasks])
+        return evaluate_logits(self.schema, self.logits(table, labels=True), data, weights)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(folder / WEIGHTS))
+        (folder / CONFIG).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        (folder / ENCODER).write_text(json.dumps(self.encoder.to_dict()))
+        return folder
+
+
+def load(folder: str | Path, device: str = "cpu") -> TrainedModel:
+    """Read a model folder written by `TrainedModel.save` (or `mtlrec train`)."""
+    folder = Path(folder)
+    missing = [name for name in (WEIGHTS, CONFIG, ENCODER) if not (folder / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a model folder: missing {missing}")
+    config = validate_config(yaml.safe_load((folder / CONFIG).read_text()))
+    encoder = Encoder.from_dict(json.loads((folder / ENCODER).read_text()))
+    trained = TrainedModel.build(config, encoder)
+    load_model(trained.model, str(folder / WEIGHTS), device=device)
+    trained.model.to(device)
+    return trained
