@@ -93,6 +93,9 @@ class Experiment(_Strict):
     features: Features | None = Field(None, description="required for file data; synthetic data brings its own")
     tasks: list[Task] | None = Field(None, description="required for file data; synthetic data brings its own")
     model: ModelConfig = ModelConfig()
+    models: dict[str, dict[str, Any]] = Field(
+        {}, description="`mtlrec bench`: options per model name (a model not named here uses its defaults)"
+    )
     train: TrainConfig = TrainConfig()
     output_dir: str = "runs"
 
@@ -107,6 +110,8 @@ class Experiment(_Strict):
             if self.tasks is None:
                 self.tasks = default.tasks
         schema = self.schema  # validates names
+        for name, options in self.models.items():
+            models.check_options(name, options)
         metric = self.train.early_stopping.metric
         allowed = ["loss"] + [f"loss/{t.name}" for t in schema.tasks] + [
             f"{m}/{t.name}" for t in schema.tasks
@@ -122,6 +127,14 @@ class Experiment(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def with_model(self, name: str, seed: int | None = None) -> Experiment:
+        """This experiment with model `name` (options from `models[name]`) and, if given, another seed."""
+        raw = self.to_dict()
+        raw["model"] = {"name": name, **self.models.get(name, {})}
+        if seed is not None:
+            raw["seed"] = seed
+        return validate_config(raw)
 
 
 def load_config(source: str | Path | dict, overrides: list[str] = ()) -> Experiment:

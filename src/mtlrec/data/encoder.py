@@ -75,8 +75,8 @@ class Encoder:
         n = len(table)
         sparse = np.zeros((n, len(s.sparse)), dtype=np.int64)
         for j, f in enumerate(s.sparse):
-            codes = pd.Categorical(_categories(table[f.name]), categories=self.vocabularies[f.name]).codes
-            sparse[:, j] = codes.astype(np.int64) + 1  # unseen / missing: -1 -> 0
+            codes = pd.Index(self.vocabularies[f.name], dtype="string").get_indexer(_categories(table[f.name]))
+            sparse[:, j] = codes + 1  # unseen / missing: -1 -> 0
         dense = np.zeros((n, len(s.dense)), dtype=np.float32)
         for j, f in enumerate(s.dense):
             mean, std = self.scalers[f.name]
@@ -149,4 +149,4 @@ def _check_labels(values: np.ndarray, present: np.ndarray, name: str, kind: str,
         rule = "finite"
     if bad.any():
         row = bad.nonzero()[0][0]
-        raise DataError(f"label column {name!r} must be {rule}: row {index[row]!r} holds {values[row]!r}")
+        raise DataError(f"label column {name!r} must be {rule}: row {index[row]!r} holds {values[row]:g}")

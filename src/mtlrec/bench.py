@@ -1,0 +1,96 @@
+"""Compare models on one data set: each trained for several seeds, per-task test metrics as
+mean and std, and the MTL gain over the single-task baseline (PLE paper, Eq. 11):
+
+    gain_k(model) = M_k(model) - M_k(single_task)  for metrics where higher is better (AUC),
+                    M_k(single_task) - M_k(model)  where lower is better (MSE, log loss),
+
+so a positive gain always means the multi-task model did better on task k.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from mtlrec.config import Experiment
+from mtlrec.experiment import load_splits, run_experiment
+from mtlrec.train.metrics import higher_is_better
+
+BASELINE = "single_task"
+
+
+def primary_metric(task_type: str) -> str:
+    return "auc" if task_type == "binary" else "mse"
+
+
+def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: Path | None = None,
+              log=print) -> dict:
+    """Train every model for seeds config.seed .. config.seed + seeds - 1; returns the summary."""
+    runs = []
+    for seed in range(config.seed, config.seed + seeds):
+        splits = load_splits(config.with_model(config.model.name, seed))  # one data draw per seed
+        for name in model_names:
+            cfg = config.with_model(name, seed)
+            folder = out_dir / name / f"seed{seed}" if out_dir else None
+            log(f"training {name} (seed {seed})")
+            result = run_experiment(cfg, folder, splits=splits)
+            metrics = result.test_metrics or {k.removeprefix("valid/"): v for k, v in result.history[-1].items()}
+            runs.append({"model": name, "seed": seed, "seconds": result.seconds,
+                         "parameters": result.parameters, "epochs": len(result.history), **metrics})
+    summary = summarize(config, model_names, runs)
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench.json").write_text(json.dumps(summary, indent=2))
+        (out_dir / "bench.md").write_text(markdown_table(summary) + "\n")
+    return summary
+
+
+def summarize(config: Experiment, model_names: list[str], runs: list[dict]) -> dict:
+    """Mean / std per model of every metric, and the MTL gain on each task's primary metric."""
+    schema = config.schema
+    metric_names = [f"{primary_metric(t.type)}/{t.name}" for t in schema.tasks]
+    metric_names += [f"{'logloss' if t.type == 'binary' else 'mae'}/{t.name}" for t in schema.tasks]
+    rows = []
+    for name in model_names:
+        mine = [r for r in runs if r["model"] == name]
+        row = {"model": name, "seeds": len(mine), "parameters": mine[0]["parameters"],
+               "seconds": float(np.mean([r["seconds"] for r in mine]))}
+        for metric in metric_names:
+            values = np.array([r[metric] for r in mine], dtype=float)
+            row[metric] = float(values.mean())
+            row[f"{metric} std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    baseline = next((r for r in rows if r["model"] == BASELINE), None)
+    gains = []
+    if baseline is not None:
+        for t in schema.tasks:
+            metric = f"{primary_metric(t.type)}/{t.name}"
+            sign = 1.0 if higher_is_better(metric) else -1.0
+            for row in rows:
+                row[f"gain {metric}"] = sign * (row[metric] - baseline[metric])
+            gains.append(f"gain {metric}")
+    return {"metrics": metric_names[: len(schema.tasks)], "gains": gains, "rows": rows, "runs": runs}
+
+
+def markdown_table(summary: dict) -> str:
+    metrics, gains = summary["metrics"], summary["gains"]
+    head = ["model", *metrics, *gains, "params", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in summary["rows"]:
+        cells = [row["model"]]
+        for m in metrics:
+            cells.append(_fmt(row[m]) + (f" ± {_fmt(row[m + ' std'])}" if row["seeds"] > 1 else ""))
+        cells += [_fmt(row[g], signed=True) for g in gains]
+        cells += [f"{row['parameters']:,}", f"{row['seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value: float, signed: bool = False) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    text = f"{value:+.4f}" if signed else f"{value:.4f}"
+    return text.replace("-0.0000", "+0.0000") if signed else text

@@ -1,0 +1,125 @@
+"""`mtlrec train | evaluate | predict | bench | models`."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from mtlrec import models
+from mtlrec.config import ConfigError, load_config
+from mtlrec.data import DataError, read_table, write_table
+
+DEMO_MODELS = "single_task,shared_bottom,omoe,mmoe,cgc,ple"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mtlrec", description="Multi-task learning for recommender systems.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train the config's model and save it as a folder")
+    train.add_argument("config", help="experiment YAML")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set model.name=mmoe --set train.epochs=5")
+    train.add_argument("--out", help="model folder (default: OUTPUT_DIR/NAME from the config)")
+
+    evaluate = commands.add_parser("evaluate", help="metrics of a saved model on a labelled table")
+    evaluate.add_argument("model", help="model folder")
+    evaluate.add_argument("data", help="CSV or Parquet file with the label columns")
+
+    predict = commands.add_parser("predict", help="write one prediction column per task")
+    predict.add_argument("model", help="model folder")
+    predict.add_argument("data", help="CSV or Parquet file")
+    predict.add_argument("--out", required=True, help="output .csv or .parquet")
+    predict.add_argument("--keep", nargs="*", default=[], metavar="COLUMN",
+                         help="input columns copied to the output (e.g. an id)")
+
+    bench = commands.add_parser("bench", help="train several models for several seeds and compare")
+    bench.add_argument("config", help="experiment YAML")
+    bench.add_argument("--models", default=DEMO_MODELS, help=f"comma-separated (default {DEMO_MODELS})")
+    bench.add_argument("--seeds", type=int, default=1, help="seeds per model (default 1)")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--out", help="results folder (default: OUTPUT_DIR/NAME)")
+
+    commands.add_parser("models", help="list the models and their options")
+
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        print(f"mtlrec {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from mtlrec.experiment import run_experiment
+
+    config = load_config(args.config, args.set)
+    folder = Path(args.out) if args.out else Path(config.output_dir) / config.name
+    result = run_experiment(config, folder)
+    print(f"saved {folder}  ({result.parameters:,} parameters, {result.seconds:.1f} s)")
+    _print_metrics(result.test_metrics or result.history[-1])
+    return 0
+
+
+def _evaluate(args) -> int:
+    from mtlrec.trained import load
+
+    _print_metrics(load(args.model).evaluate(read_table(args.data)))
+    return 0
+
+
+def _predict(args) -> int:
+    from mtlrec.trained import load
+
+    table = read_table(args.data)
+    missing = [c for c in args.keep if c not in table.columns]
+    if missing:
+        raise DataError(f"--keep: no column(s) {missing} in {args.data}")
+    predictions = load(args.model).predict(table)
+    clashes = {c: f"{c}_pred" for c in predictions.columns if c in args.keep}
+    out = pd.concat([table[args.keep], predictions.rename(columns=clashes)], axis=1)
+    write_table(out, args.out)
+    print(f"wrote {len(out)} rows to {args.out}")
+    return 0
+
+
+def _bench(args) -> int:
+    from mtlrec.bench import markdown_table, run_bench
+
+    config = load_config(args.config, args.set)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    for name in names:
+        models.check_options(name, config.models.get(name, {}))
+    out = Path(args.out) if args.out else Path(config.output_dir) / config.name
+    summary = run_bench(config, names, args.seeds, out)
+    print(markdown_table(summary))
+    print(f"\nresults and models under {out}/")
+    return 0
+
+
+def _models(args) -> int:
+    for name in models.list_models():
+        wrapper, backbone = models._lookup(name)
+        doc = inspect.getdoc(backbone if name != "single_task" else wrapper).splitlines()[0]
+        print(f"{name}: {doc}")
+        for option, default in models.model_options(name).items():
+            print(f"    {option} = {default!r}")
+    return 0
+
+
+def _print_metrics(metrics: dict) -> None:
+    for key, value in metrics.items():
+        shown = "undefined" if isinstance(value, float) and math.isnan(value) else value
+        print(f"{key:>24}  {shown:.6f}" if isinstance(shown, float) else f"{key:>24}  {shown}")
+
+
+COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "bench": _bench, "models": _models}
+
+if __name__ == "__main__":
+    sys.exit(main())

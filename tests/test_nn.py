@@ -1,0 +1,71 @@
+import pytest
+import torch
+from torch import nn
+
+from mtlrec.nn import ExpertBank, FeatureEmbedding
+from mtlrec.schema import Schema
+
+
+def loop_bank(bank: ExpertBank, inputs, groups, activate_last=True):
+    """One expert at a time: the plain computation the fused bank replaces."""
+    outs = []
+    for e in range(bank.num_experts):
+        h = inputs[groups[e]]
+        layers = bank.expert_layers(e)
+        for i, (w, b) in enumerate(layers):
+            h = h @ w + b
+            if i < len(layers) - 1 or activate_last:
+                h = torch.relu(h)
+        outs.append(h)
+    return torch.stack(outs, dim=1)
+
+
+@pytest.mark.parametrize("groups", [None, [0, 0, 1, 2, 2]])
+@pytest.mark.parametrize("activate_last", [True, False])
+def test_fused_bank_equals_per_expert_loop(groups, activate_last):
+    torch.manual_seed(0)
+    bank = ExpertBank(6, 5, [8, 3], groups=groups, activate_last=activate_last)
+    n_groups = 1 if groups is None else 3
+    inputs = torch.randn(n_groups, 11, 6)
+    got = bank(inputs[0] if groups is None else inputs)
+    expected = loop_bank(bank, inputs, groups or [0] * 5, activate_last)
+    assert got.shape == (11, 5, 3)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_fused_batch_norm_normalises_each_expert_unit():
+    torch.manual_seed(0)
+    bank = ExpertBank(4, 3, [6], batch_norm=True, activation="tanh").train()
+    x = torch.randn(32, 4)
+    pre = torch.stack([x @ w + b for w, b in (bank.expert_layers(e)[0] for e in range(3))], 1)  # [B, E, h]
+    expected = torch.tanh((pre - pre.mean(0)) / torch.sqrt(pre.var(0, unbiased=False) + 1e-5))
+    torch.testing.assert_close(bank(x), expected, atol=1e-5, rtol=0)
+
+
+def test_bank_rejects_too_few_input_groups():
+    bank = ExpertBank(4, 2, [3], groups=[0, 2])
+    with pytest.raises(ValueError, match="input groups"):
+        bank(torch.randn(2, 5, 4))
+
+
+def test_embedding_concatenates_lookups_grouped_by_size():
+    schema = Schema(
+        sparse=[{"name": "a", "vocab_size": 5, "embedding_dim": 4}, {"name": "b", "vocab_size": 3, "embedding_dim": 2},
+                {"name": "c", "vocab_size": 7, "embedding_dim": 4}],
+        dense=[{"name": "d"}],
+        tasks=[{"name": "y"}],
+    )
+    emb = FeatureEmbedding(schema)
+    assert emb.out_dim == 4 + 2 + 4 + 1 and len(emb.tables) == 2
+    ids = torch.tensor([[4, 2, 6], [0, 0, 0]])
+    dense = torch.tensor([[0.5], [-1.0]])
+    small, large = emb.tables  # sizes 2 and 4
+    expected = torch.cat([small.weight[ids[:, 1]], large.weight[ids[:, 0]], large.weight[5 + ids[:, 2]], dense], 1)
+    torch.testing.assert_close(emb(ids, dense), expected)
+    assert isinstance(small, nn.Embedding) and small.num_embeddings == 3 and large.num_embeddings == 12
+
+
+def test_embedding_needs_vocab_sizes():
+    schema = Schema(sparse=[{"name": "a"}], tasks=[{"name": "y"}])
+    with pytest.raises(ValueError, match="vocab_size"):
+        FeatureEmbedding(schema)

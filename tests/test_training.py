@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from mtlrec.config import load_config
+from mtlrec.data import Encoder
+from mtlrec.experiment import load_splits, run_experiment
+from mtlrec.models import list_models
+from mtlrec.train.trainer import constant_baseline
+
+
+def small(tiny_config, **train):
+    raw = dict(tiny_config)
+    raw["train"] = tiny_config["train"] | train
+    return raw
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_training_lowers_loss_and_beats_a_constant_on_every_task(tiny_config, name):
+    options = {"single_task": {"hidden": [16]}, "shared_bottom": {"hidden": [16]}, "omoe": {"expert_hidden": [16]},
+               "mmoe": {"expert_hidden": [16]}, "cgc": {"expert_hidden": [16]}, "ple": {"expert_hidden": [16]}}[name]
+    raw = small(tiny_config, epochs=4) | {"model": {"name": name, "tower_hidden": [8], **options}}
+    cfg = load_config(raw)
+    result = run_experiment(cfg)
+    losses = [row["valid/loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    splits = load_splits(cfg)
+    enc = Encoder(cfg.schema).fit(splits.train)
+    const = constant_baseline(enc.schema, enc.transform(splits.train), enc.transform(splits.test))
+    test = result.test_metrics
+    assert test["auc/y1"] > 0.75 and test["logloss/y1"] < const["logloss/y1"]
+    assert test["mse/y2"] < 0.8 * const["mse/y2"]
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(tiny_config):
+    a = run_experiment(load_config(tiny_config))
+    b = run_experiment(load_config(tiny_config))
+    c = run_experiment(load_config(tiny_config | {"seed": 4}))
+    assert a.history == [r | {"seconds": a.history[i]["seconds"]} for i, r in enumerate(b.history)]
+    assert a.test_metrics == b.test_metrics
+    assert a.test_metrics != c.test_metrics
+    for p, q in zip(a.trained.model.parameters(), b.trained.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_batch_size_one(tiny_config):
+    raw = small(tiny_config, epochs=1, batch_size=1)
+    raw["data"]["synthetic"]["rows"] = 50
+    result = run_experiment(load_config(raw))
+    assert math.isfinite(result.history[0]["train/loss"])
+
+
+def test_batch_norm_skips_a_last_batch_of_one_row(tiny_config):
+    raw = small(tiny_config, epochs=1, batch_size=40)
+    raw["data"]["synthetic"]["rows"] = 51  # 41 training rows: batches of 40 and 1
+    raw["model"] |= {"batch_norm": True}
+    assert math.isfinite(run_experiment(load_config(raw)).history[0]["train/loss"])
+
+
+def test_early_stopping_keeps_the_best_epoch(tiny_config):
+    raw = small(tiny_config, epochs=12, lr=0.05, early_stopping={"metric": "auc/y1", "patience": 2})
+    result = run_experiment(load_config(raw))
+    history = result.history
+    best = max(row["valid/auc/y1"] for row in history)
+    splits = load_splits(load_config(raw))
+    assert result.trained.evaluate(splits.valid)["auc/y1"] == pytest.approx(best, abs=1e-6)
+    # patience: the run ends at most `patience` epochs after the best one
+    best_epoch = max(history, key=lambda r: r["valid/auc/y1"])["epoch"]
+    assert len(history) <= best_epoch + 2
+
+
+def test_regression_only_and_three_tasks(tiny_config):
+    raw = small(tiny_config, epochs=2)
+    raw["data"]["synthetic"] |= {"task_types": ["regression", "regression", "binary"]}
+    raw["model"] |= {"task_experts": [1, 2, 1]}
+    result = run_experiment(load_config(raw))
+    assert set(result.test_metrics) >= {"mse/y1", "mse/y2", "auc/y3"}
