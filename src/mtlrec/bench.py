@@ -34,10 +34,12 @@ def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: P
         splits = load_splits(config.with_model(config.model.name, seed))  # one data draw per seed
         for name in model_names:
             cfg = config.with_model(name, seed)
+            cfg.train.progress = False  # one line per run below instead of one per epoch
             folder = out_dir / name / f"seed{seed}" if out_dir else None
-            log(f"training {name} (seed {seed})")
             result = run_experiment(cfg, folder, splits=splits)
             metrics = result.test_metrics or {k.removeprefix("valid/"): v for k, v in result.history[-1].items()}
+            shown = "  ".join(f"{m} {metrics[m]:.4f}" for m in _primary(config))
+            log(f"{name:>14} seed {seed}: {len(result.history)} epochs, {result.seconds:.1f} s, {shown}")
             runs.append({"model": name, "seed": seed, "seconds": result.seconds,
                          "parameters": result.parameters, "epochs": len(result.history), **metrics})
     summary = summarize(config, model_names, runs)
@@ -48,10 +50,14 @@ def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: P
     return summary
 
 
+def _primary(config: Experiment) -> list[str]:
+    return [f"{primary_metric(t.type)}/{t.name}" for t in config.schema.tasks]
+
+
 def summarize(config: Experiment, model_names: list[str], runs: list[dict]) -> dict:
     """Mean / std per model of every metric, and the MTL gain on each task's primary metric."""
     schema = config.schema
-    metric_names = [f"{primary_metric(t.type)}/{t.name}" for t in schema.tasks]
+    metric_names = _primary(config)
     metric_names += [f"{'logloss' if t.type == 'binary' else 'mae'}/{t.name}" for t in schema.tasks]
     rows = []
     for name in model_names:
