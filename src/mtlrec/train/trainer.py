@@ -65,7 +65,7 @@ class Trainer:
         """Train for `config.epochs` (or until early stopping); returns one metrics row per epoch."""
         cfg = self.config
         train = train.to(self.device)
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed)  # on the CPU: one batch order on every device
         stop = cfg.early_stopping
         monitor, best, best_state, waited = f"valid/{stop.metric}", None, None, 0
         sign = 1.0 if higher_is_better(stop.metric) else -1.0
