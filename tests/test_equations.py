@@ -22,10 +22,13 @@ def plain_mlp(x, layers, activate_last=True):
     return x
 
 
+def linear_layers(module):
+    return [(m.weight.T, m.bias) for m in module.modules() if isinstance(m, nn.Linear)]
+
+
 def plain_gate(x, gate):
     """softmax(W_L relu(... relu(W_1 x + b_1)) + b_L), from the gate's Linear layers."""
-    linears = [m for m in gate.modules() if isinstance(m, nn.Linear)]
-    return torch.softmax(plain_mlp(x, [(l.weight.T, l.bias) for l in linears], activate_last=False), dim=1)
+    return torch.softmax(plain_mlp(x, linear_layers(gate), activate_last=False), dim=1)
 
 
 def mix(weights, experts):
@@ -52,7 +55,7 @@ def plain_ple(backbone, x, task_experts, shared_experts):
 
 
 def plain_towers(model, reps):
-    return torch.stack([plain_mlp(reps[:, k], model.towers.expert_layers(k), activate_last=False)[:, 0]
+    return torch.stack([plain_mlp(reps[:, k], linear_layers(model.towers[k]), activate_last=False)[:, 0]
                         for k in range(reps.shape[1])], dim=1)
 
 
@@ -108,8 +111,7 @@ def test_omoe_uses_one_gate_for_all_tasks():
 
 def test_shared_bottom_and_single_task():
     model, x = build("shared_bottom", 2, hidden=[5, 4], tower_hidden=[3])
-    linears = [m for m in model.backbone.bottom if isinstance(m, nn.Linear)]
-    h = plain_mlp(x, [(l.weight.T, l.bias) for l in linears])
+    h = plain_mlp(x, linear_layers(model.backbone.bottom))
     torch.testing.assert_close(model(x[:, :0].long(), x).logits, plain_towers(model, torch.stack([h, h], 1)),
                                atol=TOL, rtol=0)
     single, x = build("single_task", 2, hidden=[5])

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from mtlrec.nn import ExpertBank, FeatureEmbedding
+from mtlrec.nn import MLP, FeatureEmbedding
 from mtlrec.schema import Schema
 
 
@@ -25,6 +25,8 @@ class BackboneOutput(NamedTuple):
 class ModelOutput(NamedTuple):
     logits: Tensor  # [B, T]
     gates: dict[str, Tensor]
+    extra_logits: dict[str, Tensor] = {}  # more predictions by name, e.g. ESMM's pCVR: name -> [B]
+    penalty: Tensor | None = None  # a model's own loss term, added to the training loss (AITM)
 
 
 class Backbone(nn.Module):
@@ -33,14 +35,21 @@ class Backbone(nn.Module):
 
     `gate_experts` names, for every gate, the experts its weights refer to, in order
     (e.g. `"level1/click" -> ["click/0", "click/1", "shared/0"]`); empty without gates.
+    `task_modules(k)` lists the modules only task k uses (its gates), for alternating training.
     """
 
     out_dim: int
     gate_experts: dict[str, list[str]] = {}
 
+    def task_modules(self, task: int) -> list[nn.Module]:
+        return []
+
 
 class MultiTaskModel(nn.Module):
     """FeatureEmbedding -> backbone -> towers (one MLP per task, ending in one logit).
+
+    Each tower has its own parameters, so a step on one task's loss alone (alternating
+    training) can leave every other tower untouched.
 
     Input: sparse ids `[B, S]`, dense values `[B, D]`. Output: `ModelOutput` with logits `[B, T]`.
     `predict` turns logits into what each task reports: a probability (binary) or a value.
@@ -57,15 +66,10 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         self.embedding = FeatureEmbedding(schema)
         self.backbone = backbone(self.embedding.out_dim, schema.task_names, **backbone_options)
-        t = schema.num_tasks
-        self.towers = ExpertBank(
-            self.backbone.out_dim,
-            t,
-            [*tower_hidden, 1],
-            activation=backbone_options.get("activation", "relu"),
-            dropout=tower_dropout,
-            groups=range(t),
-            activate_last=False,
+        self.towers = nn.ModuleList(
+            MLP(self.backbone.out_dim, tower_hidden, output_dim=1,
+                activation=backbone_options.get("activation", "relu"), dropout=tower_dropout)
+            for _ in schema.tasks
         )
         self.register_buffer(
             "binary", torch.tensor([task.type == "binary" for task in schema.tasks]), persistent=False
@@ -73,8 +77,16 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, sparse: Tensor, dense: Tensor) -> ModelOutput:
         reps, gates = self.backbone(self.embedding(sparse, dense))
-        logits = self.towers(reps.transpose(0, 1)).squeeze(-1)  # [B, T]
-        return ModelOutput(logits, gates)
+        return ModelOutput(self.tower_logits(reps), gates)
+
+    def tower_logits(self, reps: Tensor) -> Tensor:
+        """`[B, T, H]` task representations -> `[B, T]` logits, tower k reading reps[:, k]."""
+        return torch.cat([tower(reps[:, k]) for k, tower in enumerate(self.towers)], dim=1)
+
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        """Parameters only task `task` uses: its tower and the backbone's task modules."""
+        modules = [self.towers[task], *self.backbone.task_modules(task)]
+        return [p for m in modules for p in m.parameters()]
 
     def predict(self, sparse: Tensor, dense: Tensor) -> Tensor:
         """Per-task predictions `[B, T]`: sigmoid(logit) for binary tasks, the value for regression."""
@@ -106,5 +118,14 @@ class SingleTaskModels(nn.Module):
         logits = torch.cat([net(sparse, dense).logits for net in self.nets], dim=1)
         return ModelOutput(logits, {})
 
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        return list(self.nets[task].parameters())
+
     def predict(self, sparse: Tensor, dense: Tensor) -> Tensor:
         return to_predictions(self(sparse, dense).logits, self.binary)
+
+
+def shared_parameters(model: nn.Module, num_tasks: int) -> list[nn.Parameter]:
+    """The parameters no single task owns (embedding, experts, shared layers), in model order."""
+    owned = {id(p) for k in range(num_tasks) for p in model.task_parameters(k)}
+    return [p for p in model.parameters() if id(p) not in owned]

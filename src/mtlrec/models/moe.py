@@ -82,6 +82,9 @@ class MMoE(Backbone):
         self.out_dim = self.level.out_dim
         self.gate_experts = self.level.gate_experts
 
+    def task_modules(self, task: int) -> list[nn.Module]:
+        return self.level.task_modules(task)
+
     def forward(self, x: Tensor) -> BackboneOutput:
         task_reps, _, gates = self.level(x)
         return BackboneOutput(task_reps, gates)

@@ -84,6 +84,9 @@ class ExtractionLevel(nn.Module):
         self.shared_gate = shared_gate
         self.out_dim = self.experts.out_dim
 
+    def task_modules(self, task: int) -> list[nn.Module]:
+        return [self.gates[task]]
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
         experts = self.experts(x)  # [B, E, H]
         weights = [gate(x if self.first else x[g]) for g, gate in enumerate(self.gates)]
@@ -144,6 +147,9 @@ class PLE(Backbone):
             width = level.out_dim
         self.out_dim = width
         self.gate_experts = {g: e for level in self.levels for g, e in level.gate_experts.items()}
+
+    def task_modules(self, task: int) -> list[nn.Module]:
+        return [m for level in self.levels for m in level.task_modules(task)]
 
     def forward(self, x: Tensor) -> BackboneOutput:
         gates: dict[str, Tensor] = {}
