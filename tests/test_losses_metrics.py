@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtlrec.losses import FixedWeighting, task_losses
+from mtlrec.losses import task_losses
 from mtlrec.train.metrics import auc, log_loss, task_metrics
 from helpers import dense_schema
 
@@ -34,9 +34,6 @@ def test_task_without_labels_in_the_batch_has_zero_loss_and_gradient():
     losses.sum().backward()
     assert logits.grad[:, 1].abs().max() == 0 and logits.grad[:, 0].abs().max() > 0
 
-
-def test_fixed_weighting():
-    assert FixedWeighting([1.0, 0.5])(torch.tensor([2.0, 4.0])).item() == 4.0
 
 
 def brute_force_auc(labels, scores):

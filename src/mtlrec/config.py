@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from mtlrec import models
 from mtlrec.data.synthetic import SyntheticConfig, synthetic_schema
-from mtlrec.losses.weighting import WEIGHTINGS
+from mtlrec.losses.weighting import split_spec
 from mtlrec.schema import DenseFeature, Schema, SparseFeature, Task, _Strict
 from mtlrec.train.metrics import HIGHER_IS_BETTER
 
@@ -67,13 +67,32 @@ class EarlyStopping(_Strict):
     patience: int | None = Field(3, ge=1, description="epochs without improvement; null = never stop early")
 
 
+class Alternating(_Strict):
+    order: Literal["round_robin", "ratio"] = "round_robin"
+    ratios: list[float] | None = Field(None, description="order: ratio: one relative frequency per task")
+
+
+class OptimizerGroup(_Strict):
+    params: str = Field(description="module path ('embedding', 'backbone', 'towers', 'weighting', ...) or 'rest'")
+    optimizer: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(512, ge=1)
     optimizer: Literal["adam", "adamw", "sgd", "adagrad"] = "adam"
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    weighting: str = "fixed"
+    weighting: str | dict[str, Any] = Field(
+        "fixed", description="a name, or {name: ..., options}: fixed, uncertainty, learnable, decay, dwa, gradnorm, pcgrad"
+    )
+    strategy: Literal["joint", "alternating"] = "joint"
+    alternating: Alternating = Alternating()
+    optimizers: list[OptimizerGroup] = Field(
+        [], description="one optimizer per parameter group, e.g. adagrad for 'embedding', adam for 'rest'"
+    )
     early_stopping: EarlyStopping = EarlyStopping()
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
@@ -81,8 +100,10 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {self.weighting!r}; allowed: {sorted(WEIGHTINGS)}")
+        split_spec(self.weighting)
+        prefixes = [g.params for g in self.optimizers]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError(f"train.optimizers: a params group is named twice: {prefixes}")
         return self
 
 
@@ -119,6 +140,9 @@ class Experiment(_Strict):
         ]
         if metric not in allowed:
             raise ValueError(f"train.early_stopping.metric {metric!r} is not one of {allowed}")
+        ratios = self.train.alternating.ratios
+        if ratios is not None and (len(ratios) != len(schema.tasks) or min(ratios) < 0 or sum(ratios) <= 0):
+            raise ValueError(f"train.alternating.ratios needs {len(schema.tasks)} non-negative values, not all 0")
         return self
 
     @property

@@ -15,16 +15,10 @@ from tqdm.auto import tqdm
 from mtlrec.config import TrainConfig
 from mtlrec.data.tensors import TensorData
 from mtlrec.losses import create_weighting, task_losses
+from mtlrec.models.base import shared_parameters
 from mtlrec.schema import Schema
 from mtlrec.train.metrics import higher_is_better, task_metrics
-
-OPTIMIZERS = {
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
-    "sgd": torch.optim.SGD,
-    "adagrad": torch.optim.Adagrad,
-}
-
+from mtlrec.train.optim import build_optimizers, task_schedule
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -37,6 +31,10 @@ def resolve_device(name: str) -> torch.device:
 
 class Trainer:
     """Trains `model` on encoded data and reports per-task metrics on whole splits.
+
+    Joint strategy: each step backpropagates the weighting of all task losses. Alternating:
+    each step backpropagates one task's loss (round robin, or drawn by ratio), and the
+    parameters other tasks own (their towers and gates) get no gradient, hence no update.
 
     Each epoch shuffles the training rows with a generator seeded from `seed`, so two runs
     with one seed see the same batches; validation runs after every epoch, and the best
@@ -54,8 +52,10 @@ class Trainer:
         self.seed = seed
         self.weighting = create_weighting(config.weighting, schema).to(self.device)
         self.eval_weights = torch.tensor([t.weight for t in schema.tasks], device=self.device)
-        params = list(self.model.parameters()) + list(self.weighting.parameters())
-        self.optimizer = OPTIMIZERS[config.optimizer](params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizers = build_optimizers({"": self.model, "weighting": self.weighting}, config)
+        self.shared = shared_parameters(self.model, schema.num_tasks)
+        self.task_params = [self.model.task_parameters(k) for k in range(schema.num_tasks)]
+        self.schedule = task_schedule(config.alternating.order, schema.num_tasks, config.alternating.ratios, seed)
         self.binary = torch.tensor([t.type == "binary" for t in schema.tasks], device=self.device)
         self.log_path = Path(log_path) if log_path else None
         self.has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -71,8 +71,8 @@ class Trainer:
         sign = 1.0 if higher_is_better(stop.metric) else -1.0
         for epoch in range(1, cfg.epochs + 1):
             start = time.perf_counter()
-            train_loss = self._train_epoch(train, generator, epoch)
-            row = {"epoch": epoch, "train/loss": train_loss, "seconds": time.perf_counter() - start}
+            row = {"epoch": epoch, **self._train_epoch(train, generator, epoch)}
+            row["seconds"] = time.perf_counter() - start
             if valid is not None:
                 row |= {f"valid/{k}": v for k, v in self.evaluate(valid).items()}
             self._log(row)
@@ -89,10 +89,12 @@ class Trainer:
             self.model.load_state_dict(best_state)
         return self.history
 
-    def _train_epoch(self, train: TensorData, generator: torch.Generator, epoch: int) -> float:
+    def _train_epoch(self, train: TensorData, generator: torch.Generator, epoch: int) -> dict[str, float]:
         self.model.train()
-        bs = self.config.batch_size
+        bs, t = self.config.batch_size, self.schema.num_tasks
         total = torch.zeros((), device=self.device)
+        task_totals = torch.zeros(t, device=self.device)
+        weights = torch.ones(t, device=self.device)
         steps = 0
         bar = tqdm(total=train.num_batches(bs), desc=f"epoch {epoch}", disable=None if self.config.progress else True,
                    leave=False, dynamic_ncols=True)
@@ -100,18 +102,41 @@ class Trainer:
         for batch in train.batches(bs, generator):
             if self.has_batch_norm and len(batch) == 1:
                 continue  # batch norm cannot train on one row
-            logits = self.model(batch.sparse, batch.dense).logits
-            loss = self.weighting(task_losses(logits, batch.labels, batch.mask, self.binary))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total += loss.detach()
+            out = self.model(batch.sparse, batch.dense)
+            losses = task_losses(out.logits, batch.labels, batch.mask, self.binary)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            if self.config.strategy == "alternating":
+                weights = self._alternating_backward(losses, out.penalty)
+            else:
+                weights = self.weighting.backward(losses, self.shared, out.penalty)
+            for opt in self.optimizers:
+                opt.step()
+            self.weighting.after_step()
+            total += (weights * losses.detach()).sum()
+            task_totals += losses.detach()
             steps += 1
             bar.update()
             if steps % refresh == 0:
                 bar.set_postfix(loss=f"{total.item() / steps:.4f}")
         bar.close()
-        return total.item() / max(steps, 1)
+        mean_losses = task_totals / max(steps, 1)
+        self.weighting.end_epoch(mean_losses)
+        row = {"train/loss": total.item() / max(steps, 1)}
+        row |= {f"train/loss/{n}": v for n, v in zip(self.schema.task_names, mean_losses.tolist())}
+        row |= {f"weight/{n}": v for n, v in zip(self.schema.task_names, weights.tolist())}
+        return row
+
+    def _alternating_backward(self, losses: Tensor, penalty: Tensor | None) -> Tensor:
+        """One task's (config-weighted) loss; the other tasks' own parameters get no update."""
+        task = next(self.schedule)
+        loss = self.eval_weights[task] * losses[task]
+        (loss if penalty is None else loss + penalty).backward()
+        for k, params in enumerate(self.task_params):
+            if k != task:
+                for p in params:
+                    p.grad = None  # optimizers skip parameters without a gradient
+        return torch.nn.functional.one_hot(torch.tensor(task), len(losses)).to(losses) * self.eval_weights
 
     @torch.no_grad()
     def logits(self, data: TensorData, batch_size: int | None = None) -> Tensor:

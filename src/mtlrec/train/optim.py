@@ -1,0 +1,60 @@
+"""Optimizers from the config: one for every parameter, or one per parameter group."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+}
+
+
+def matches(name: str, prefix: str) -> bool:
+    """Whether parameter `name` lies under module path `prefix` anywhere in the model
+    ("embedding" matches "embedding.tables.0.weight" and "nets.1.embedding.tables.0.weight")."""
+    return f".{prefix}." in f".{name}."
+
+
+def build_optimizers(modules: dict[str, nn.Module], config) -> list[torch.optim.Optimizer]:
+    """`modules` maps a name prefix to a module (e.g. {"": model, "weighting": weighting}).
+
+    Without `config.optimizers`: one `config.optimizer` over everything. With it: each
+    parameter goes to the first group whose `params` prefix it lies under, "rest" taking
+    whatever no other group took.
+    """
+    named = [(f"{prefix}.{n}" if prefix else n, p) for prefix, m in modules.items() for n, p in m.named_parameters()]
+    if not config.optimizers:
+        params = [p for _, p in named]
+        return [OPTIMIZERS[config.optimizer](params, lr=config.lr, weight_decay=config.weight_decay)] if params else []
+    groups: list[list[nn.Parameter]] = [[] for _ in config.optimizers]
+    rest = next((i for i, g in enumerate(config.optimizers) if g.params == "rest"), None)
+    for name, p in named:
+        i = next((i for i, g in enumerate(config.optimizers) if g.params != "rest" and matches(name, g.params)), rest)
+        if i is None:
+            raise ValueError(f"train.optimizers: parameter {name!r} is in no group; add a group with params: rest")
+        groups[i].append(p)
+    for group, params in zip(config.optimizers, groups):
+        if not params:
+            raise ValueError(f"train.optimizers: group {group.params!r} matches no parameter")
+    return [OPTIMIZERS[g.optimizer](params, lr=g.lr, weight_decay=g.weight_decay)
+            for g, params in zip(config.optimizers, groups)]
+
+
+def task_schedule(order: str, num_tasks: int, ratios: Sequence[float] | None, seed: int):
+    """Alternating training's task for each step: round robin 0, 1, ..., T-1, 0, ...; or
+    drawn with probabilities proportional to `ratios` by a seeded generator."""
+    if order == "round_robin":
+        step = 0
+        while True:
+            yield step % num_tasks
+            step += 1
+    weights = torch.tensor(list(ratios or [1.0] * num_tasks), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.multinomial(weights, 1024, replacement=True, generator=generator).tolist()
