@@ -109,3 +109,20 @@ def test_batches_cover_every_row_once_and_shuffle_per_seed():
     assert order(torch.Generator().manual_seed(0)) == order(torch.Generator().manual_seed(0))
     assert order(None) == list(range(n))
     assert [len(b) for b in data.batches(3)] == [3, 3, 3, 1]
+
+
+def test_sample_space_condition_masks_rows_outside_it():
+    s = Schema(dense=[{"name": "x"}], tasks=[{"name": "click"}, {"name": "buy", "space": "click == 1"}])
+    t = pd.DataFrame({"x": [1.0, 2, 3, 4, 5], "click": [1, 0, 1, 0, np.nan], "buy": [1, 7, 0, np.nan, 1]})
+    data = Encoder(s).fit(t).transform(t)  # the 7 lies outside buy's space: not read, no error
+    assert data.mask[:, 1].tolist() == [True, False, True, False, False]
+    assert data.mask[:, 0].tolist() == [True, True, True, True, False]
+
+
+@pytest.mark.parametrize("space, message", [("clik == 1", "cannot evaluate space 'clik == 1'"),
+                                            ("click + 1", "space .click \+ 1. must give True/False per row")])
+def test_bad_sample_space_is_named(space, message):
+    s = Schema(dense=[{"name": "x"}], tasks=[{"name": "click"}, {"name": "buy", "space": space}])
+    t = pd.DataFrame({"x": [1.0, 2], "click": [1, 0], "buy": [1, 0]})
+    with pytest.raises(DataError, match=f"task 'buy': {message}"):
+        Encoder(s).fit(t).transform(t)

@@ -76,3 +76,15 @@ def test_regression_only_and_three_tasks(tiny_config):
     raw["model"] |= {"task_experts": [1, 2, 1]}
     result = run_experiment(load_config(raw))
     assert set(result.test_metrics) >= {"mse/y1", "mse/y2", "auc/y3"}
+
+
+def test_metrics_of_a_task_are_restricted_to_its_sample_space(tiny_config):
+    """The PLE paper's Eq. 9 setup: y2 learned and scored only where y1 == 1."""
+    raw = small(tiny_config, epochs=2)
+    cfg = load_config(raw)
+    cfg.tasks[1].space = "y1 == 1"
+    result = run_experiment(cfg)
+    splits = load_splits(cfg)
+    inside = splits.test[splits.test["y1"] == 1]
+    predicted = result.trained.predict(splits.test)["y2"][splits.test["y1"] == 1]
+    assert result.test_metrics["mse/y2"] == pytest.approx(float(((predicted - inside["y2"]) ** 2).mean()), rel=1e-5)

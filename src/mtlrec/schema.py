@@ -43,13 +43,18 @@ class Task(_Strict):
     """One prediction target.
 
     binary: label in {0, 1}, log loss, reported with AUC; regression: real label, MSE.
-    A missing label (empty cell / NaN) leaves the row out of this task's loss and metrics.
+    A task's sample space is the rows where its label exists and, if `space` is given, where
+    that condition on other columns holds (e.g. conversion only where `click == 1`); the
+    task's loss and metrics see only those rows.
     """
 
     name: str
     type: TaskType = "binary"
     label: str | None = Field(None, description="label column; defaults to the task name")
     weight: float = Field(1.0, ge=0.0, description="fixed weight of this task's loss")
+    space: str | None = Field(
+        None, description="sample space: a condition on the table's columns, e.g. 'click == 1'"
+    )
 
     @property
     def column(self) -> str:

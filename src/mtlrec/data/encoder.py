@@ -4,8 +4,9 @@ Sparse: each category seen at least `min_freq` times in training gets an id 1..n
 out-of-vocabulary id, taken by unseen categories and missing cells.
 Dense: standardised with the training mean and std; a missing cell becomes the training
 mean (0 after scaling).
-Labels: binary labels must be 0/1, regression labels finite; a missing label (NaN / empty)
-leaves the row out of that task (label mask False).
+Labels: binary labels must be 0/1, regression labels finite; a missing label (NaN / empty),
+or a row outside the task's `space` condition, leaves the row out of that task (label mask
+False). Labels outside the space are not read.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class Encoder:
             for k, task in enumerate(s.tasks):
                 values = _numeric(table[task.column], task.column)
                 present = ~np.isnan(values)
+                if task.space:
+                    present &= _condition(table, task.space, task.name)
                 _check_labels(values, present, task.column, task.type, table.index)
                 label_values[:, k] = np.where(present, values, 0.0)
                 mask[:, k] = present
@@ -138,6 +141,17 @@ def _numeric(column: pd.Series, name: str) -> np.ndarray:
             f"column {name!r} must be numeric: row {column.index[row]!r} holds {column.iloc[row]!r}"
         )
     return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _condition(table: pd.DataFrame, expression: str, task: str) -> np.ndarray:
+    """Rows where a task's `space` condition holds (a pandas expression over the columns)."""
+    try:
+        result = table.eval(expression)
+    except Exception as err:  # pandas raises many kinds: undefined name, syntax, types
+        raise DataError(f"task {task!r}: cannot evaluate space {expression!r}: {err}") from None
+    if not isinstance(result, pd.Series) or not pd.api.types.is_bool_dtype(result):
+        raise DataError(f"task {task!r}: space {expression!r} must give True/False per row")
+    return result.fillna(False).to_numpy(dtype=bool)
 
 
 def _check_labels(values: np.ndarray, present: np.ndarray, name: str, kind: str, index: pd.Index) -> None:
