@@ -120,7 +120,7 @@ def test_sample_space_condition_masks_rows_outside_it():
 
 
 @pytest.mark.parametrize("space, message", [("clik == 1", "cannot evaluate space 'clik == 1'"),
-                                            ("click + 1", "space .click \+ 1. must give True/False per row")])
+                                            ("click + 1", r"space .click \+ 1. must give True/False per row")])
 def test_bad_sample_space_is_named(space, message):
     s = Schema(dense=[{"name": "x"}], tasks=[{"name": "click"}, {"name": "buy", "space": space}])
     t = pd.DataFrame({"x": [1.0, 2], "click": [1, 0], "buy": [1, 0]})
