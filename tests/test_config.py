@@ -18,7 +18,7 @@ def test_defaults_fill_schema_from_synthetic_data():
     "raw, expected",
     [
         ({"train": {"epoch": 3}}, "train.epoch: unknown field; allowed: ['alternating', 'batch_size', 'device', 'early_stopping', 'epochs'"),
-        ({"model": {"name": "moe"}}, "unknown model 'moe'; allowed: ['single_task', 'shared_bottom', 'omoe', 'mmoe', 'cgc', 'ple']"),
+        ({"model": {"name": "moe"}}, "unknown model 'moe'; allowed: ['single_task', 'shared_bottom', 'asymmetric', 'cross_stitch', 'omoe', 'mmoe', 'cgc', 'ple', 'adatt', 'esmm', 'aitm']"),
         ({"model": {"name": "mmoe", "task_experts": 2}}, "model 'mmoe' has no option(s) ['task_experts']; allowed:"),
         ({"train": {"optimizer": "lbfgs"}}, "train.optimizer: Input should be 'adam', 'adamw', 'sgd' or 'adagrad'"),
         ({"tasks": [{"name": "a", "type": "multiclass"}]}, "tasks.0.type: Input should be 'binary' or 'regression'"),

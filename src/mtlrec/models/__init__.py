@@ -12,22 +12,30 @@ from typing import Any
 
 from torch import nn
 
+from mtlrec.models.aitm import AITM
 from mtlrec.models.base import Backbone, BackboneOutput, ModelOutput, MultiTaskModel, SingleTaskModels
+from mtlrec.models.cross_stitch import CrossStitch
+from mtlrec.models.esmm import ESMM
 from mtlrec.models.moe import MMoE, OMoE
-from mtlrec.models.ple import CGC, PLE, ExtractionLevel
+from mtlrec.models.ple import CGC, PLE, AdaTT, ExtractionLevel
+from mtlrec.models.separate import AsymmetricSharing, SeparateBottoms
 from mtlrec.models.shared_bottom import SharedBottom
 from mtlrec.schema import Schema
 
-# name -> (wrapper, backbone). single_task: one independent shared-bottom network per task.
+# name -> (model class, backbone). single_task: one independent shared-bottom network per task.
 _MODELS: dict[str, tuple[type[nn.Module], type[Backbone]]] = {
     "single_task": (SingleTaskModels, SharedBottom),
     "shared_bottom": (MultiTaskModel, SharedBottom),
+    "asymmetric": (MultiTaskModel, AsymmetricSharing),
+    "cross_stitch": (MultiTaskModel, CrossStitch),
     "omoe": (MultiTaskModel, OMoE),
     "mmoe": (MultiTaskModel, MMoE),
     "cgc": (MultiTaskModel, CGC),
     "ple": (MultiTaskModel, PLE),
+    "adatt": (MultiTaskModel, AdaTT),
+    "esmm": (ESMM, SeparateBottoms),
+    "aitm": (AITM, SeparateBottoms),
 }
-_TOWER_OPTIONS = {"tower_hidden": (64,), "tower_dropout": 0.0}
 
 
 def list_models() -> list[str]:
@@ -35,10 +43,15 @@ def list_models() -> list[str]:
 
 
 def model_options(name: str) -> dict[str, Any]:
-    """The options a model takes, with their defaults."""
-    _, backbone = _lookup(name)
-    params = list(inspect.signature(backbone.__init__).parameters.values())[3:]  # self, in_dim, task_names
-    return {p.name: p.default for p in params} | _TOWER_OPTIONS
+    """The options a model takes, with their defaults: its backbone's, then its own (towers, ...)."""
+    wrapper, backbone = _lookup(name)
+    own = MultiTaskModel if wrapper is SingleTaskModels else wrapper
+    found = {}
+    for cls, skip in ((backbone, 3), (own, 3)):  # self, in_dim, task_names / self, schema, backbone
+        for p in list(inspect.signature(cls.__init__).parameters.values())[skip:]:
+            if p.kind is not p.VAR_KEYWORD:
+                found[p.name] = p.default
+    return found
 
 
 def check_options(name: str, options: dict[str, Any]) -> None:
@@ -64,7 +77,7 @@ def _lookup(name: str) -> tuple[type[nn.Module], type[Backbone]]:
 
 
 __all__ = [
-    "Backbone", "BackboneOutput", "CGC", "ExtractionLevel", "MMoE", "ModelOutput", "MultiTaskModel",
-    "OMoE", "PLE", "SharedBottom", "SingleTaskModels", "check_options", "create", "list_models",
-    "model_options",
+    "AITM", "AdaTT", "AsymmetricSharing", "Backbone", "BackboneOutput", "CGC", "CrossStitch", "ESMM",
+    "ExtractionLevel", "MMoE", "ModelOutput", "MultiTaskModel", "OMoE", "PLE", "SeparateBottoms",
+    "SharedBottom", "SingleTaskModels", "check_options", "create", "list_models", "model_options",
 ]

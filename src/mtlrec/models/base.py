@@ -44,6 +44,10 @@ class Backbone(nn.Module):
     def task_modules(self, task: int) -> list[nn.Module]:
         return []
 
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        """Parameters only task k uses outside `task_modules` (e.g. AdaTT's native weights)."""
+        return []
+
 
 class MultiTaskModel(nn.Module):
     """FeatureEmbedding -> backbone -> towers (one MLP per task, ending in one logit).
@@ -86,7 +90,7 @@ class MultiTaskModel(nn.Module):
     def task_parameters(self, task: int) -> list[nn.Parameter]:
         """Parameters only task `task` uses: its tower and the backbone's task modules."""
         modules = [self.towers[task], *self.backbone.task_modules(task)]
-        return [p for m in modules for p in m.parameters()]
+        return [p for m in modules for p in m.parameters()] + self.backbone.task_parameters(task)
 
     def predict(self, sparse: Tensor, dense: Tensor) -> Tensor:
         """Per-task predictions `[B, T]`: sigmoid(logit) for binary tasks, the value for regression."""

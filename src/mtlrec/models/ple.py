@@ -46,6 +46,8 @@ class ExtractionLevel(nn.Module):
         dropout: float = 0.0,
         batch_norm: bool = False,
         name: str = "level1",
+        fusion: str = "own",
+        native: bool = False,
     ):
         super().__init__()
         t = len(task_names)
@@ -54,8 +56,9 @@ class ExtractionLevel(nn.Module):
         if any(m < 0 for m in task_experts) or shared_experts < 0:
             raise ValueError("expert counts must be >= 0")
         for task, m in zip(task_names, task_experts):
-            if m + shared_experts == 0:
-                raise ValueError(f"task {task!r} has no expert to read: give it task or shared experts")
+            if m + shared_experts == 0 or (native and m == 0):
+                raise ValueError(f"task {task!r} has no expert to read: give it task or shared experts"
+                                 + (" (AdaTT: at least one task expert each)" if native else ""))
         self.first = first
         self.num_tasks = t
         expert_groups = [k for k, m in enumerate(task_experts) for _ in range(m)] + [t] * shared_experts
@@ -65,9 +68,13 @@ class ExtractionLevel(nn.Module):
             groups=[0] * num_experts if first else expert_groups,
         )
         shared_columns = list(range(num_experts - shared_experts, num_experts))
-        columns = [
-            [e for e, g in enumerate(expert_groups) if g == k] + shared_columns for k in range(t)
-        ]
+        own = [[e for e, g in enumerate(expert_groups) if g == k] for k in range(t)]
+        if fusion == "own":  # PLE: own experts, then the shared ones
+            columns = [own[k] + shared_columns for k in range(t)]
+        elif fusion == "all":  # AdaTT: every expert of the level
+            columns = [list(range(num_experts)) for _ in range(t)]
+        else:
+            raise ValueError(f"fusion must be 'own' or 'all', not {fusion!r}")
         owners = [task_names[g] if g < t else "shared" for g in expert_groups]
         labels = [f"{owner}/{owners[:e].count(owner)}" for e, owner in enumerate(owners)]
         self.gate_names = [f"{name}/{task}" for task in task_names]
@@ -80,6 +87,11 @@ class ExtractionLevel(nn.Module):
         }
         flat = [g * num_experts + e for g, c in enumerate(columns) for e in c]
         self.register_buffer("mix_index", torch.tensor(flat), persistent=False)
+        # AdaTT's native-expert unit: task k adds v_k^T E_k, v_k learned, starting at the mean
+        self.native = nn.ParameterList(nn.Parameter(torch.full((len(o),), 1.0 / len(o))) for o in own) if native else None
+        if native:
+            native_flat = [k * num_experts + e for k, o in enumerate(own) for e in o]
+            self.register_buffer("native_index", torch.tensor(native_flat), persistent=False)
         self.num_experts = num_experts
         self.shared_gate = shared_gate
         self.out_dim = self.experts.out_dim
@@ -87,13 +99,19 @@ class ExtractionLevel(nn.Module):
     def task_modules(self, task: int) -> list[nn.Module]:
         return [self.gates[task]]
 
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        return [] if self.native is None else [self.native[task]]
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
         experts = self.experts(x)  # [B, E, H]
         weights = [gate(x if self.first else x[g]) for g, gate in enumerate(self.gates)]
         b, n_gates = experts.shape[0], len(self.gates)
         mix = experts.new_zeros(b, n_gates * self.num_experts)
-        mix = mix.index_copy(1, self.mix_index, torch.cat(weights, dim=1))
-        mixed = torch.bmm(mix.view(b, n_gates, self.num_experts), experts)  # [B, gates, H]
+        mix = mix.index_copy(1, self.mix_index, torch.cat(weights, dim=1)).view(b, n_gates, self.num_experts)
+        if self.native is not None:
+            v = experts.new_zeros(n_gates * self.num_experts).index_copy(0, self.native_index, torch.cat(list(self.native)))
+            mix = mix + v.view(n_gates, self.num_experts)
+        mixed = torch.bmm(mix, experts)  # [B, gates, H]
         shared = mixed[:, self.num_tasks] if self.shared_gate else None
         return mixed[:, : self.num_tasks], shared, dict(zip(self.gate_names, weights))
 
@@ -140,24 +158,31 @@ class PLE(Backbone):
         for j, hidden in enumerate(per_level):
             level = ExtractionLevel(
                 width, task_names, counts, shared_experts, hidden, gate_hidden,
-                shared_gate=j < num_levels - 1, first=j == 0, activation=activation,
-                dropout=dropout, batch_norm=batch_norm, name=f"level{j + 1}",
+                shared_gate=j < num_levels - 1 and (shared_experts > 0 or self.fusion == "own"),
+                first=j == 0, activation=activation, dropout=dropout, batch_norm=batch_norm,
+                name=f"level{j + 1}", fusion=self.fusion, native=self.native,
             )
             self.levels.append(level)
             width = level.out_dim
         self.out_dim = width
         self.gate_experts = {g: e for level in self.levels for g, e in level.gate_experts.items()}
 
+    fusion = "own"  # task gates mix their own and the shared experts
+    native = False
+
     def task_modules(self, task: int) -> list[nn.Module]:
         return [m for level in self.levels for m in level.task_modules(task)]
+
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        return [p for level in self.levels for p in level.task_parameters(task)]
 
     def forward(self, x: Tensor) -> BackboneOutput:
         gates: dict[str, Tensor] = {}
         for level in self.levels:
             task_reps, shared, level_gates = level(x)
             gates.update(level_gates)
-            if shared is not None:
-                x = torch.cat([task_reps, shared.unsqueeze(1)], dim=1).transpose(0, 1)  # [T+1, B, H]
+            inputs = task_reps if shared is None else torch.cat([task_reps, shared.unsqueeze(1)], dim=1)
+            x = inputs.transpose(0, 1)  # [T(+1), B, H]: the next level's inputs
         return BackboneOutput(task_reps, gates)
 
 
@@ -183,3 +208,35 @@ class CGC(PLE):
             in_dim, task_names, 1, task_experts, shared_experts, expert_hidden, gate_hidden,
             activation, dropout, batch_norm,
         )
+
+
+class AdaTT(PLE):
+    """AdaTT, Adaptive Task-to-Task Fusion (Li et al., KDD 2023). x `[B, I]` -> `[B, T, H]`.
+
+    Levels of task-specific experts, as in PLE, but every task fuses every expert of the level:
+        f_t = v_t^T E_t(x_t) + g_t(x_t)^T [E_1(x_1); ...; E_T(x_T); E_s(x_s)],
+    g_t = softmax over all experts, v_t a learned weight per native expert of task t (starting
+    at 1/m_t). With `shared_experts` = 0 this is the paper's AdaTT-sp; with shared experts a
+    shared gate over all experts feeds them on the next level (every level but the last).
+
+    Args: as PLE (`task_experts` at least 1 per task).
+    """
+
+    fusion = "all"
+    native = True
+
+    def __init__(
+        self,
+        in_dim: int,
+        task_names: Sequence[str],
+        num_levels: int = 2,
+        task_experts: int | Sequence[int] = 2,
+        shared_experts: int = 0,
+        expert_hidden: Sequence[int] | Sequence[Sequence[int]] = (256, 128),
+        gate_hidden: Sequence[int] = (),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ):
+        super().__init__(in_dim, task_names, num_levels, task_experts, shared_experts, expert_hidden,
+                         gate_hidden, activation, dropout, batch_norm)

@@ -1,0 +1,56 @@
+"""ESMM, the Entire Space Multi-task Model (Ma et al., SIGIR 2018).
+
+Conversion is only observed after a click, so a CVR model trained on clicked rows alone
+sees a biased sample. ESMM learns pCVR through a product over the entire impression space:
+    pCTR = sigmoid(l_ctr),  pCVR = sigmoid(l_cvr),  pCTCVR = pCTR * pCVR,
+with losses on CTR (label: click) and CTCVR (label: click and conversion) over all
+impressions. pCVR gets no loss of its own and is reported at predict time as `cvr`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtlrec.models.base import Backbone, ModelOutput, MultiTaskModel
+from mtlrec.schema import Schema
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def product_logit(logit_a: Tensor, logit_b: Tensor) -> Tensor:
+    """The logit of sigmoid(a) * sigmoid(b), computed in log space."""
+    log_p = (F.logsigmoid(logit_a) + F.logsigmoid(logit_b)).clamp(max=-1e-7)
+    return log_p - log1mexp(log_p)
+
+
+class ESMM(MultiTaskModel):
+    """Tasks, in this order: CTR (label: click) and CTCVR (label: 1 if clicked and converted),
+    both binary and labelled on every impression. Logits `[B, 2]` are CTR's and CTCVR's (the
+    logit of pCTR * pCVR, so the shared losses and metrics apply unchanged); `extra_logits`
+    holds `cvr` `[B]`.
+
+    Args: those of the backbone (default: one MLP per task over the shared embedding, as in
+    the paper) and the towers.
+    """
+
+    extra_outputs = ("cvr",)
+
+    def __init__(self, schema: Schema, backbone: type[Backbone], tower_hidden: Sequence[int] = (64,),
+                 tower_dropout: float = 0.0, **backbone_options):
+        if len(schema.tasks) != 2 or any(t.type != "binary" for t in schema.tasks):
+            raise ValueError("esmm needs exactly two binary tasks, in order: click (CTR), then "
+                             "click-and-convert (CTCVR), both labelled on every impression")
+        super().__init__(schema, backbone, tower_hidden, tower_dropout, **backbone_options)
+
+    def forward(self, sparse: Tensor, dense: Tensor) -> ModelOutput:
+        reps, gates = self.backbone(self.embedding(sparse, dense))
+        ctr, cvr = self.tower_logits(reps).unbind(1)
+        logits = torch.stack([ctr, product_logit(ctr, cvr)], dim=1)
+        return ModelOutput(logits, gates, {"cvr": cvr})
