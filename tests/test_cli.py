@@ -94,3 +94,14 @@ def test_bench_table_and_gain(files, capsys):
     assert rows["mmoe"]["gain auc/click"] == pytest.approx(rows["mmoe"]["auc/click"] - rows["single_task"]["auc/click"])
     assert rows["mmoe"]["gain mse/watch"] == pytest.approx(rows["single_task"]["mse/watch"] - rows["mmoe"]["mse/watch"])
     assert "| mmoe |" in capsys.readouterr().out
+
+
+def test_esmm_predict_reports_cvr(files):
+    cfg = mtlrec.load_config(files / "config.yaml", ["model={name: esmm, hidden: [8]}"])
+    cfg.tasks[1] = cfg.tasks[1].model_copy(update={"type": "binary", "label": "y1"})  # a funnel: buy implies click
+    trained = mtlrec.run_experiment(cfg, files / "esmm").trained
+    table = pd.read_parquet(files / "test.parquet")
+    out = mtlrec.load(files / "esmm").predict(table)
+    assert list(out.columns) == ["click", "watch", "cvr"]
+    pd.testing.assert_series_equal(out["watch"], out["click"] * out["cvr"], check_names=False, atol=1e-6, rtol=0)
+    assert trained.evaluate(table)["auc/click"] > 0.5

@@ -106,7 +106,7 @@ def _bench(args) -> int:
 def _models(args) -> int:
     for name in models.list_models():
         wrapper, backbone = models._lookup(name)
-        doc = inspect.getdoc(backbone if name != "single_task" else wrapper).splitlines()[0]
+        doc = inspect.getdoc(backbone if wrapper is models.MultiTaskModel else wrapper).splitlines()[0]
         print(f"{name}: {doc}")
         for option, default in models.model_options(name).items():
             print(f"    {option} = {default!r}")

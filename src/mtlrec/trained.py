@@ -17,6 +17,7 @@ from torch import nn
 from mtlrec import models
 from mtlrec.config import Experiment, validate_config
 from mtlrec.data.encoder import Encoder
+from mtlrec.data.tensors import TensorData
 from mtlrec.train.trainer import evaluate_logits
 
 WEIGHTS, CONFIG, ENCODER = "model.safetensors", "config.yaml", "encoder.json"
@@ -38,25 +39,32 @@ class TrainedModel:
         return cls(config, encoder, models.create(config.model.name, encoder.schema, **config.model.options))
 
     @torch.no_grad()
-    def logits(self, table: pd.DataFrame, labels: bool = False, batch_size: int = 8192) -> torch.Tensor:
-        data = self.encoder.transform(table, labels=labels)
+    def outputs(self, data: TensorData, batch_size: int = 8192) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits `[N, T]` of encoded rows, and the model's extra logits (name -> `[N]`, e.g. ESMM's `cvr`)."""
         self.model.eval()
         device = next(self.model.parameters()).device
-        parts = [self.model(b.sparse.to(device), b.dense.to(device)).logits.cpu() for b in data.batches(batch_size)]
-        return torch.cat(parts)
+        logits, extras = [], {}
+        for b in data.batches(batch_size):
+            out = self.model(b.sparse.to(device), b.dense.to(device))
+            logits.append(out.logits.cpu())
+            for name, value in out.extra_logits.items():
+                extras.setdefault(name, []).append(value.cpu())
+        return torch.cat(logits), {name: torch.cat(parts) for name, parts in extras.items()}
 
     def predict(self, table: pd.DataFrame, batch_size: int = 8192) -> pd.DataFrame:
-        """One column per task: probability (binary) or value (regression); rows as in `table`."""
-        logits = self.logits(table, batch_size=batch_size)
+        """One column per task: probability (binary) or value (regression); rows as in `table`.
+        Extra outputs follow as probabilities (ESMM: `cvr`)."""
+        logits, extras = self.outputs(self.encoder.transform(table, labels=False), batch_size)
         binary = torch.tensor([t.type == "binary" for t in self.schema.tasks])
-        values = models.base.to_predictions(logits, binary).numpy()
-        return pd.DataFrame(values, columns=self.schema.task_names, index=table.index)
+        columns = dict(zip(self.schema.task_names, models.base.to_predictions(logits, binary).T.numpy()))
+        columns |= {(f"{n}_extra" if n in columns else n): torch.sigmoid(v).numpy() for n, v in extras.items()}
+        return pd.DataFrame(columns, index=table.index)
 
     def evaluate(self, table: pd.DataFrame) -> dict[str, float]:
         """Loss and per-task metrics on a labelled table."""
         data = self.encoder.transform(table)
         weights = torch.tensor([t.weight for t in self.schema.tasks])
-        return evaluate_logits(self.schema, self.logits(table, labels=True), data, weights)
+        return evaluate_logits(self.schema, self.outputs(data)[0], data, weights)
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
