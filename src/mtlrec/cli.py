@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import sys
@@ -105,9 +104,7 @@ def _bench(args) -> int:
 
 def _models(args) -> int:
     for name in models.list_models():
-        wrapper, backbone = models._lookup(name)
-        doc = inspect.getdoc(backbone if wrapper is models.MultiTaskModel else wrapper).splitlines()[0]
-        print(f"{name}: {doc}")
+        print(f"{name}: {models.SUMMARIES[name]}")
         for option, default in models.model_options(name).items():
             print(f"    {option} = {default!r}")
     return 0

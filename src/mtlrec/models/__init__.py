@@ -37,6 +37,20 @@ _MODELS: dict[str, tuple[type[nn.Module], type[Backbone]]] = {
     "aitm": (AITM, SeparateBottoms),
 }
 
+SUMMARIES = {
+    "single_task": "one independent network per task (the baseline for MTL gain)",
+    "shared_bottom": "one MLP shared by all tasks, a tower per task (Caruana 1997)",
+    "asymmetric": "one MLP per task; the others also read a source task's output, detached",
+    "cross_stitch": "one MLP column per task, mixed by learned T x T units after each layer (Misra et al. 2016)",
+    "omoe": "experts mixed by one gate for all tasks (Ma et al. 2018)",
+    "mmoe": "experts mixed by one gate per task (Ma et al. 2018)",
+    "cgc": "task-specific and shared experts, each task's gate over its own and the shared (Tang et al. 2020)",
+    "ple": "stacked CGC levels with a shared gate on all but the last (Tang et al. 2020)",
+    "adatt": "task expert levels, each task fusing all experts plus its own native ones (Li et al. 2023)",
+    "esmm": "pCTCVR = pCTR x pCVR over the entire impression space (Ma et al. 2018)",
+    "aitm": "a funnel of tasks passing information forward, with a calibrator loss (Xi et al. 2021)",
+}
+
 
 def list_models() -> list[str]:
     return list(_MODELS)
