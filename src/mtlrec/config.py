@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mtlrec import models
+from mtlrec.data.formats import FORMATS
 from mtlrec.data.synthetic import SyntheticConfig, synthetic_schema
 from mtlrec.losses.weighting import split_spec
 from mtlrec.schema import DenseFeature, Schema, SparseFeature, Task, _Strict
@@ -26,9 +27,13 @@ class ConfigError(ValueError):
 class DataConfig(_Strict):
     source: Literal["synthetic", "files"] = "synthetic"
     synthetic: SyntheticConfig = SyntheticConfig()
+    format: Literal["table", "census", "ali_ccp", "aliexpress"] = Field(
+        "table", description="table: any CSV/Parquet; the others read a public data set's files and bring its schema"
+    )
     train: str | None = Field(None, description="CSV/Parquet file (source: files)")
-    valid: str | None = Field(None, description="optional; else split off train")
+    valid: str | None = Field(None, description="optional; else split off train (or off test, see valid_from_test)")
     test: str | None = Field(None, description="optional; else split off train")
+    valid_from_test: bool = Field(False, description="cut the validation split from half of the test file")
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 
@@ -36,6 +41,8 @@ class DataConfig(_Strict):
     def _check(self) -> DataConfig:
         if self.source == "files" and not self.train:
             raise ValueError("source 'files' needs data.train (a CSV or Parquet file)")
+        if self.valid_from_test and (not self.test or self.valid):
+            raise ValueError("valid_from_test needs data.test and no data.valid")
         if self.valid_fraction + self.test_fraction >= 1.0:
             raise ValueError("valid_fraction + test_fraction must be < 1")
         return self
@@ -123,13 +130,17 @@ class Experiment(_Strict):
     @model_validator(mode="after")
     def _complete(self) -> Experiment:
         if self.features is None or self.tasks is None:
-            if self.data.source != "synthetic":
-                raise ValueError("features and tasks are required for file data")
-            default = synthetic_schema(self.data.synthetic)
+            if self.data.source == "synthetic":
+                default = synthetic_schema(self.data.synthetic)
+                sparse, dense, tasks = default.sparse, default.dense, default.tasks
+            elif FORMATS[self.data.format].schema is not None:
+                sparse, dense, tasks = FORMATS[self.data.format].schema()
+            else:
+                raise ValueError("features and tasks are required for file data in format 'table'")
             if self.features is None:
-                self.features = Features(sparse=default.sparse, dense=default.dense)
+                self.features = Features(sparse=sparse, dense=dense)
             if self.tasks is None:
-                self.tasks = default.tasks
+                self.tasks = tasks
         schema = self.schema  # validates names
         for name, options in self.models.items():
             models.check_options(name, options)

@@ -12,7 +12,8 @@ import pandas as pd
 import torch
 
 from mtlrec.config import Experiment
-from mtlrec.data import Encoder, make_synthetic, read_table
+from mtlrec.data import Encoder, make_synthetic
+from mtlrec.data.formats import FORMATS
 from mtlrec.trained import TrainedModel
 from mtlrec.train.trainer import Trainer
 
@@ -36,15 +37,21 @@ class RunResult:
 
 def load_splits(config: Experiment) -> Splits:
     """The train / valid / test tables: synthetic or read from files; a split missing as a file
-    is cut from the training table by a seeded shuffle (valid_fraction, test_fraction)."""
+    is cut from the training table by a seeded shuffle (valid_fraction, test_fraction), or
+    the validation split from half the test file (valid_from_test)."""
     data = config.data
     if data.source == "synthetic":
         table = make_synthetic(data.synthetic, seed=config.seed)
         valid, test = None, None
     else:
-        table = read_table(data.train)
-        valid = read_table(data.valid) if data.valid else None
-        test = read_table(data.test) if data.test else None
+        read = FORMATS[data.format].read
+        table = read(data.train)
+        valid = read(data.valid) if data.valid else None
+        test = read(data.test) if data.test else None
+        if data.valid_from_test:  # the MMoE / PLE papers' census protocol: test split 1:1
+            halves = np.random.default_rng(config.seed).permutation(len(test))
+            cut = len(test) // 2
+            valid, test = test.iloc[np.sort(halves[:cut])], test.iloc[np.sort(halves[cut:])]
     order = np.random.default_rng(config.seed).permutation(len(table))
     n_test = 0 if test is not None else int(round(len(table) * data.test_fraction))
     n_valid = 0 if valid is not None else int(round(len(table) * data.valid_fraction))

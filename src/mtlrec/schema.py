@@ -24,13 +24,17 @@ class SparseFeature(_Strict):
     """A categorical column, embedded through a learned table.
 
     `vocab_size` counts every id the table holds, the out-of-vocabulary id 0 included; the
-    encoder sets it from the training split, so a config normally leaves it out.
+    encoder sets it from the training split, so a config normally leaves it out. With
+    `hash_buckets` the ids are 1 + hash(value) mod hash_buckets (missing: 0), no vocabulary.
     """
 
     name: str
     embedding_dim: PositiveInt = 8
     vocab_size: PositiveInt | None = None
     min_freq: PositiveInt = Field(1, description="rarer categories map to the out-of-vocabulary id 0")
+    hash_buckets: PositiveInt | None = Field(
+        None, description="hash values into this many ids instead of keeping a vocabulary (very high cardinality)"
+    )
 
 
 class DenseFeature(_Strict):
@@ -43,6 +47,8 @@ class Task(_Strict):
     """One prediction target.
 
     binary: label in {0, 1}, log loss, reported with AUC; regression: real label, MSE.
+    The label is a column (`label`, optionally mapped through `values`) or an `expression`
+    over other columns (True/False become 1/0), so a new task setup needs no code.
     A task's sample space is the rows where its label exists and, if `space` is given, where
     that condition on other columns holds (e.g. conversion only where `click == 1`); the
     task's loss and metrics see only those rows.
@@ -51,14 +57,27 @@ class Task(_Strict):
     name: str
     type: TaskType = "binary"
     label: str | None = Field(None, description="label column; defaults to the task name")
+    values: dict[str, float] | None = Field(
+        None, description="map the label column's raw values to labels, e.g. {'yes': 1, 'no': 0}"
+    )
+    expression: str | None = Field(
+        None, description="derive the label from other columns instead, e.g. \"marital == 'Never married'\""
+    )
     weight: float = Field(1.0, ge=0.0, description="fixed weight of this task's loss")
     space: str | None = Field(
         None, description="sample space: a condition on the table's columns, e.g. 'click == 1'"
     )
 
+    @model_validator(mode="after")
+    def _check(self) -> Task:
+        if self.expression and (self.label or self.values):
+            raise ValueError(f"task {self.name!r}: give either expression or label/values, not both")
+        return self
+
     @property
-    def column(self) -> str:
-        return self.label or self.name
+    def column(self) -> str | None:
+        """The label column, or None for a label derived by `expression`."""
+        return None if self.expression else (self.label or self.name)
 
 
 class Schema(_Strict):
@@ -79,7 +98,7 @@ class Schema(_Strict):
             seen = {n for n in names if names.count(n) > 1}
             if seen:
                 raise ValueError(f"duplicate {kind} names: {sorted(seen)}")
-        labels = {t.column for t in self.tasks}
+        labels = {t.column for t in self.tasks if t.column}
         inputs = {f.name for f in self.sparse} | {f.name for f in self.dense}
         if labels & inputs:
             raise ValueError(f"label columns used as input features: {sorted(labels & inputs)}")

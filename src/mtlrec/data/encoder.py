@@ -44,6 +44,9 @@ class Encoder:
             raise DataError("cannot fit the encoder on an empty table")
         _require_columns(table, [f.name for f in self.raw_schema.sparse + self.raw_schema.dense])
         for feature in self.raw_schema.sparse:
+            if feature.hash_buckets:
+                self.vocabularies[feature.name] = []
+                continue
             counts = _categories(table[feature.name]).value_counts()
             kept = counts[counts >= feature.min_freq].index
             self.vocabularies[feature.name] = sorted(str(v) for v in kept)
@@ -59,7 +62,7 @@ class Encoder:
     def schema(self) -> Schema:
         """The schema with each sparse feature's vocab_size (vocabulary + the OOV id)."""
         sparse = [
-            f.model_copy(update={"vocab_size": len(self.vocabularies[f.name]) + 1})
+            f.model_copy(update={"vocab_size": (f.hash_buckets or len(self.vocabularies[f.name])) + 1})
             for f in self.raw_schema.sparse
         ]
         return self.raw_schema.model_copy(update={"sparse": sparse})
@@ -71,13 +74,18 @@ class Encoder:
         if len(table) == 0:
             raise DataError("the table has no rows")
         s = self.raw_schema
-        needed = [f.name for f in s.sparse + s.dense] + ([t.column for t in s.tasks] if labels else [])
+        needed = [f.name for f in s.sparse + s.dense] + ([t.column for t in s.tasks if t.column] if labels else [])
         _require_columns(table, needed)
         n = len(table)
         sparse = np.zeros((n, len(s.sparse)), dtype=np.int64)
         for j, f in enumerate(s.sparse):
-            codes = pd.Index(self.vocabularies[f.name], dtype="string").get_indexer(_categories(table[f.name]))
-            sparse[:, j] = codes + 1  # unseen / missing: -1 -> 0
+            values = _categories(table[f.name])
+            if f.hash_buckets:
+                hashed = pd.util.hash_array(values.fillna("").to_numpy(dtype=object)) % np.uint64(f.hash_buckets)
+                sparse[:, j] = np.where(values.isna().to_numpy(), 0, hashed.astype(np.int64) + 1)
+            else:
+                codes = pd.Index(self.vocabularies[f.name], dtype="string").get_indexer(values)
+                sparse[:, j] = codes + 1  # unseen / missing: -1 -> 0
         dense = np.zeros((n, len(s.dense)), dtype=np.float32)
         for j, f in enumerate(s.dense):
             mean, std = self.scalers[f.name]
@@ -87,11 +95,11 @@ class Encoder:
         mask = np.zeros((n, len(s.tasks)), dtype=bool)
         if labels:
             for k, task in enumerate(s.tasks):
-                values = _numeric(table[task.column], task.column)
+                values = _label_values(table, task)
                 present = ~np.isnan(values)
                 if task.space:
-                    present &= _condition(table, task.space, task.name)
-                _check_labels(values, present, task.column, task.type, table.index)
+                    present &= _condition(table, task.space, task.name, "space")
+                _check_labels(values, present, task.column or task.name, task.type, table.index)
                 label_values[:, k] = np.where(present, values, 0.0)
                 mask[:, k] = present
         return TensorData(
@@ -143,14 +151,30 @@ def _numeric(column: pd.Series, name: str) -> np.ndarray:
     return values.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _condition(table: pd.DataFrame, expression: str, task: str) -> np.ndarray:
-    """Rows where a task's `space` condition holds (a pandas expression over the columns)."""
+def _label_values(table: pd.DataFrame, task) -> np.ndarray:
+    """Task labels as float64 (NaN = missing): from `expression`, or the label column through `values`."""
+    if task.expression:
+        return _condition(table, task.expression, task.name, "expression").astype(np.float64)
+    column = table[task.column]
+    if task.values is not None:
+        raw = column.astype("string")
+        known = raw.isin(list(task.values)) | raw.isna()
+        if not known.all():
+            row = (~known).to_numpy().nonzero()[0][0]
+            raise DataError(f"label column {task.column!r}: row {column.index[row]!r} holds {column.iloc[row]!r}, "
+                            f"which task {task.name!r}'s values do not map (they map {sorted(task.values)})")
+        return raw.map(task.values).astype("Float64").to_numpy(dtype=np.float64, na_value=np.nan)
+    return _numeric(column, task.column)
+
+
+def _condition(table: pd.DataFrame, expression: str, task: str, what: str) -> np.ndarray:
+    """Rows where a task's condition holds (a pandas expression over the columns)."""
     try:
         result = table.eval(expression)
     except Exception as err:  # pandas raises many kinds: undefined name, syntax, types
-        raise DataError(f"task {task!r}: cannot evaluate space {expression!r}: {err}") from None
+        raise DataError(f"task {task!r}: cannot evaluate {what} {expression!r}: {err}") from None
     if not isinstance(result, pd.Series) or not pd.api.types.is_bool_dtype(result):
-        raise DataError(f"task {task!r}: space {expression!r} must give True/False per row")
+        raise DataError(f"task {task!r}: {what} {expression!r} must give True/False per row")
     return result.fillna(False).to_numpy(dtype=bool)
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 
 from mtlrec.data.encoder import DataError
 
-FORMATS = (".csv", ".parquet", ".pq")
+FORMATS = (".csv", ".csv.gz", ".parquet", ".pq")
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -17,6 +17,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"no such data file: {path}")
     suffix = path.suffix.lower()
+    if suffix == ".gz" and path.suffixes[-2:-1] == [".csv"]:
+        suffix = ".csv"  # pandas decompresses by the name
     if suffix == ".csv":
         try:
             return pd.read_csv(path)
