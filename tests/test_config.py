@@ -34,7 +34,7 @@ def test_bad_fields_are_named_with_what_is_allowed(raw, expected):
 
 
 def test_file_data_needs_features_and_tasks():
-    assert "features and tasks are required for file data in format .table." in errors_of({"data": {"source": "files", "train": "t.csv"}})
+    assert "features and tasks are required for file data in format 'table'" in errors_of({"data": {"source": "files", "train": "t.csv"}})
 
 
 def test_duplicate_and_label_as_feature_are_rejected():
