@@ -64,7 +64,7 @@ def main() -> None:
             _sync(args.device)
             train_rates.append(args.rows / (time.perf_counter() - start))
             start = time.perf_counter()
-            trainer.logits(data, batch_size=8192)
+            trainer.predict_split(data)
             _sync(args.device)
             predict_rates.append(args.rows / (time.perf_counter() - start))
         params = sum(p.numel() for p in model.parameters())

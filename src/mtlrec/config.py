@@ -34,6 +34,9 @@ class DataConfig(_Strict):
     valid: str | None = Field(None, description="optional; else split off train (or off test, see valid_from_test)")
     test: str | None = Field(None, description="optional; else split off train")
     valid_from_test: bool = Field(False, description="cut the validation split from half of the test file")
+    streaming: bool = Field(False, description="read Parquet files or folders in chunks: data larger than memory")
+    chunk_rows: int = Field(65_536, ge=1, description="streaming: rows read at a time")
+    shuffle_buffer: int = Field(262_144, ge=1, description="streaming: rows shuffled together")
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
 
@@ -43,6 +46,10 @@ class DataConfig(_Strict):
             raise ValueError("source 'files' needs data.train (a CSV or Parquet file)")
         if self.valid_from_test and (not self.test or self.valid):
             raise ValueError("valid_from_test needs data.test and no data.valid")
+        if self.streaming and (self.source != "files" or self.format != "table" or not self.valid
+                               or self.valid_from_test):
+            raise ValueError("streaming reads Parquet files or folders in format 'table': give data.train and "
+                             "data.valid (and data.test) as paths; splits cannot be cut from a stream")
         if self.valid_fraction + self.test_fraction >= 1.0:
             raise ValueError("valid_fraction + test_fraction must be < 1")
         return self

@@ -14,6 +14,7 @@ import torch
 from mtlrec.config import Experiment
 from mtlrec.data import Encoder, make_synthetic
 from mtlrec.data.formats import FORMATS
+from mtlrec.data.streaming import ParquetStream, fit_streaming
 from mtlrec.trained import TrainedModel
 from mtlrec.train.trainer import Trainer
 
@@ -67,9 +68,7 @@ def load_splits(config: Experiment) -> Splits:
 def run_experiment(config: Experiment, folder: str | Path | None = None, splits: Splits | None = None) -> RunResult:
     """Train `config`'s model; save it (with its epoch log and test metrics) to `folder` if given."""
     start = time.perf_counter()
-    splits = splits or load_splits(config)
-    encoder = Encoder(config.schema).fit(splits.train)
-    train, valid = encoder.transform(splits.train), encoder.transform(splits.valid)
+    encoder, train, valid, test = encode_splits(config, splits)
     torch.manual_seed(config.seed)
     trained = TrainedModel.build(config, encoder)
     log_path = None
@@ -80,7 +79,7 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, splits:
         log_path.unlink(missing_ok=True)
     trainer = Trainer(trained.model, encoder.schema, config.train, seed=config.seed, log_path=log_path)
     history = trainer.fit(train, valid)
-    test_metrics = trainer.evaluate(encoder.transform(splits.test)) if splits.test is not None else {}
+    test_metrics = trainer.evaluate(test) if test is not None else {}
     trained.model.cpu()
     seconds = time.perf_counter() - start
     parameters = sum(p.numel() for p in trained.model.parameters())
@@ -89,3 +88,19 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, splits:
         summary = {"test": test_metrics, "seconds": seconds, "parameters": parameters, "epochs": len(history)}
         (folder / "metrics.json").write_text(json.dumps(summary, indent=2))
     return RunResult(trained, history, test_metrics, folder, seconds, parameters)
+
+
+def encode_splits(config: Experiment, splits: Splits | None = None):
+    """(fitted encoder, train, valid, test): in-memory tensors, or Parquet streams with
+    `data.streaming` (the encoder then fitted in one pass over the training files)."""
+    data = config.data
+    if data.streaming:
+        train = ParquetStream(data.train, chunk_rows=data.chunk_rows, shuffle_buffer=data.shuffle_buffer)
+        encoder = fit_streaming(Encoder(config.schema), train)
+        train.encoder = encoder
+        valid, test = (ParquetStream(p, encoder, data.chunk_rows) if p else None for p in (data.valid, data.test))
+        return encoder, train, valid, test
+    splits = splits or load_splits(config)
+    encoder = Encoder(config.schema).fit(splits.train)
+    test = encoder.transform(splits.test) if splits.test is not None else None
+    return encoder, encoder.transform(splits.train), encoder.transform(splits.valid), test

@@ -40,23 +40,45 @@ class Encoder:
 
     def fit(self, table: pd.DataFrame) -> Encoder:
         """Learn vocabularies and scalers from the training table."""
-        if len(table) == 0:
+        return self.fit_chunks([table])
+
+    def fit_chunks(self, tables) -> Encoder:
+        """Learn vocabularies and scalers in one pass over chunks of the training rows."""
+        s = self.raw_schema
+        counted = [f for f in s.sparse if not f.hash_buckets]
+        counts = {f.name: pd.Series(dtype="int64") for f in counted}
+        moments = {f.name: np.zeros(3) for f in s.dense}  # n, sum, sum of squares (finite values)
+        rows = 0
+        for table in tables:
+            _require_columns(table, [f.name for f in s.sparse + s.dense])
+            rows += len(table)
+            for f in counted:
+                counts[f.name] = counts[f.name].add(_categories(table[f.name]).value_counts(), fill_value=0)
+            for f in s.dense:
+                values = _numeric(table[f.name], f.name)
+                values = values[np.isfinite(values)]
+                moments[f.name] += (values.size, values.sum(), np.square(values).sum())
+        if rows == 0:
             raise DataError("cannot fit the encoder on an empty table")
-        _require_columns(table, [f.name for f in self.raw_schema.sparse + self.raw_schema.dense])
-        for feature in self.raw_schema.sparse:
-            if feature.hash_buckets:
-                self.vocabularies[feature.name] = []
-                continue
-            counts = _categories(table[feature.name]).value_counts()
-            kept = counts[counts >= feature.min_freq].index
-            self.vocabularies[feature.name] = sorted(str(v) for v in kept)
-        for feature in self.raw_schema.dense:
-            values = _numeric(table[feature.name], feature.name)
-            mean, std = float(np.nanmean(values)), float(np.nanstd(values))
-            if not np.isfinite(mean):
-                raise DataError(f"dense column {feature.name!r} has no values in the training split")
-            self.scalers[feature.name] = (mean, std if std > 0 else 1.0)
+        for f in s.sparse:
+            kept = counts[f.name][counts[f.name] >= f.min_freq].index if f.name in counts else []
+            self.vocabularies[f.name] = sorted(str(v) for v in kept)
+        for f in s.dense:
+            n, total, squares = moments[f.name]
+            if n == 0:
+                raise DataError(f"dense column {f.name!r} has no values in the training split")
+            mean = total / n
+            std = float(np.sqrt(max(squares / n - mean * mean, 0.0)))
+            self.scalers[f.name] = (float(mean), std if std > 1e-12 else 1.0)
         return self
+
+    def columns(self, labels: bool = True) -> list[str] | None:
+        """The columns `transform` reads; None when a task's expression or space may read any."""
+        s = self.raw_schema
+        if labels and any(t.expression or t.space for t in s.tasks):
+            return None
+        names = [f.name for f in s.sparse + s.dense]
+        return names + ([t.column for t in s.tasks] if labels else [])
 
     @property
     def schema(self) -> Schema:

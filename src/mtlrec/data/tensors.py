@@ -32,13 +32,17 @@ class TensorData:
     def take(self, index: Tensor) -> TensorData:
         return self._map(lambda t: t.index_select(0, index))
 
+    def rows(self, start: int, stop: int) -> TensorData:
+        """Rows start..stop-1, as views."""
+        return self._map(lambda t: t[start:stop])
+
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[TensorData]:
         """Consecutive batches (views); with a generator, of a fresh permutation of the rows."""
         data = self
         if generator is not None:
             data = self.take(torch.randperm(len(self), generator=generator).to(self.labels.device))
         for start in range(0, len(data), batch_size):
-            yield data._map(lambda t: t[start : start + batch_size])
+            yield data.rows(start, start + batch_size)
 
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)

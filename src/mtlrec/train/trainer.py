@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtlrec.config import TrainConfig
+from mtlrec.data.streaming import ParquetStream
 from mtlrec.data.tensors import TensorData
 from mtlrec.losses import create_weighting, task_losses
 from mtlrec.models.base import shared_parameters
@@ -61,10 +62,14 @@ class Trainer:
         self.has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self.history: list[dict[str, float]] = []
 
-    def fit(self, train: TensorData, valid: TensorData | None = None) -> list[dict[str, float]]:
-        """Train for `config.epochs` (or until early stopping); returns one metrics row per epoch."""
+    def fit(self, train: TensorData | ParquetStream, valid: TensorData | ParquetStream | None = None
+            ) -> list[dict[str, float]]:
+        """Train for `config.epochs` (or until early stopping); returns one metrics row per epoch.
+
+        In-memory data moves to the device once; a stream's batches move one by one."""
         cfg = self.config
-        train = train.to(self.device)
+        if isinstance(train, TensorData):
+            train = train.to(self.device)
         generator = torch.Generator().manual_seed(self.seed)  # on the CPU: one batch order on every device
         stop = cfg.early_stopping
         monitor, best, best_state, waited = f"valid/{stop.metric}", None, None, 0
@@ -102,6 +107,7 @@ class Trainer:
         for batch in train.batches(bs, generator):
             if self.has_batch_norm and len(batch) == 1:
                 continue  # batch norm cannot train on one row
+            batch = batch.to(self.device)
             out = self.model(batch.sparse, batch.dense)
             losses = task_losses(out.logits, batch.labels, batch.mask, self.binary)
             for opt in self.optimizers:
@@ -139,16 +145,24 @@ class Trainer:
         return torch.nn.functional.one_hot(torch.tensor(task), len(losses)).to(losses) * self.eval_weights
 
     @torch.no_grad()
-    def logits(self, data: TensorData, batch_size: int | None = None) -> Tensor:
-        """Logits `[N, T]` for every row, in order."""
+    def predict_split(self, data: TensorData | ParquetStream) -> tuple[Tensor, TensorData]:
+        """Logits `[N, T]` for every row, in order, and the rows' labels and masks."""
         self.model.eval()
-        data = data.to(self.device)
-        parts = [self.model(b.sparse, b.dense).logits for b in data.batches(batch_size or 4 * self.config.batch_size)]
-        return torch.cat(parts)
+        if isinstance(data, TensorData):
+            data = data.to(self.device)
+        logits, labels, masks = [], [], []
+        for batch in data.batches(4 * self.config.batch_size):
+            batch = batch.to(self.device)
+            logits.append(self.model(batch.sparse, batch.dense).logits)
+            labels.append(batch.labels)
+            masks.append(batch.mask)
+        empty = torch.zeros(0, 0)
+        return torch.cat(logits), TensorData(empty, empty, torch.cat(labels), torch.cat(masks))
 
-    def evaluate(self, data: TensorData) -> dict[str, float]:
+    def evaluate(self, data: TensorData | ParquetStream) -> dict[str, float]:
         """Weighted loss, per-task losses and metrics over the whole split."""
-        return evaluate_logits(self.schema, self.logits(data), data.to(self.device), self.eval_weights)
+        logits, targets = self.predict_split(data)
+        return evaluate_logits(self.schema, logits, targets, self.eval_weights)
 
     def _log(self, row: dict[str, float]) -> None:
         self.history.append(row)
