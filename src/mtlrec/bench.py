@@ -14,8 +14,9 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from mtlrec.config import Experiment
+from mtlrec.config import Experiment, validate_config
 from mtlrec.experiment import load_splits, run_experiment
 from mtlrec.train.metrics import higher_is_better
 
@@ -44,10 +45,45 @@ def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: P
                          "parameters": result.parameters, "epochs": len(result.history), **metrics})
     summary = summarize(config, model_names, runs)
     if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "bench.json").write_text(json.dumps(summary, indent=2))
-        (out_dir / "bench.md").write_text(markdown_table(summary) + "\n")
+        write_outputs(summary, out_dir, config.name)
     return summary
+
+
+def write_outputs(summary: dict, out_dir: Path, title: str) -> list[Path]:
+    """bench.json, bench.md, bench.csv, the figures and report.html under `out_dir`."""
+    from mtlrec.analysis import plots
+    from mtlrec.analysis.report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "bench.md").write_text(markdown_table(summary) + "\n")
+    pd.DataFrame(summary["rows"]).to_csv(out_dir / "bench.csv", index=False)
+    images = [out_dir / "curves.png", out_dir / "pareto.png"]
+    plots.training_curves(out_dir, summary["metrics"], images[0])
+    plots.pareto(summary, images[1])
+    write_report(summary, images, out_dir / "report.html", f"mtlrec bench: {title}")
+    return images
+
+
+def run_sweep(config: Experiment, correlations: list[float], model_names: list[str], seeds: int,
+              out_dir: Path, log=print) -> list[dict]:
+    """The MMoE paper's Fig. 4: a bench on synthetic data for each task correlation p."""
+    from mtlrec.analysis import plots
+
+    if config.data.source != "synthetic":
+        raise ValueError("a correlation sweep needs synthetic data (data.source: synthetic)")
+    rows = []
+    for p in correlations:
+        raw = config.to_dict()
+        raw["data"]["synthetic"]["correlation"] = p
+        log(f"correlation {p}")
+        summary = run_bench(validate_config(raw), model_names, seeds, out_dir / f"p{p:g}", log)
+        rows += [{"correlation": p, **row} for row in summary["rows"]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
+    pd.DataFrame(rows).to_csv(out_dir / "sweep.csv", index=False)
+    plots.correlation_sweep(rows, _primary(config), out_dir / "sweep.png")
+    return rows
 
 
 def _primary(config: Experiment) -> list[str]:

@@ -1,4 +1,4 @@
-"""`mtlrec train | evaluate | predict | bench | models`."""
+"""`mtlrec train | evaluate | predict | bench | sweep | analyze | report | models`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--seeds", type=int, default=1, help="seeds per model (default 1)")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--out", help="results folder (default: OUTPUT_DIR/NAME)")
+
+    sweep = commands.add_parser("sweep", help="bench on synthetic data at several task correlations")
+    sweep.add_argument("config", help="experiment YAML with synthetic data")
+    sweep.add_argument("--correlations", default="0,0.25,0.5,0.75,1", help="comma-separated p values")
+    sweep.add_argument("--models", default="shared_bottom,omoe,mmoe", help="comma-separated")
+    sweep.add_argument("--seeds", type=int, default=1)
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--out", help="results folder (default: OUTPUT_DIR/NAME-sweep)")
+
+    analyze = commands.add_parser("analyze", help="expert utilisation: mean gate weight per expert")
+    analyze.add_argument("model", help="model folder")
+    analyze.add_argument("data", help="CSV or Parquet file")
+    analyze.add_argument("--out", help="folder for utilisation.csv and utilisation.png (default: the model folder)")
+
+    report = commands.add_parser("report", help="(re)write the figures and report.html of a bench folder")
+    report.add_argument("bench", help="folder written by mtlrec bench")
 
     commands.add_parser("models", help="list the models and their options")
 
@@ -98,7 +114,52 @@ def _bench(args) -> int:
     out = Path(args.out) if args.out else Path(config.output_dir) / config.name
     summary = run_bench(config, names, args.seeds, out)
     print(markdown_table(summary))
-    print(f"\nresults and models under {out}/")
+    print(f"\nresults, models, figures and report.html under {out}/")
+    return 0
+
+
+def _sweep(args) -> int:
+    from mtlrec.bench import run_sweep
+
+    config = load_config(args.config, args.set)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    correlations = [float(p) for p in args.correlations.split(",")]
+    out = Path(args.out) if args.out else Path(config.output_dir) / f"{config.name}-sweep"
+    rows = run_sweep(config, correlations, names, args.seeds, out)
+    metrics = [k for k in rows[0] if "/" in k and not k.endswith(" std") and not k.startswith("gain")]
+    print(pd.DataFrame(rows)[["correlation", "model", *metrics]].to_string(index=False, float_format="%.4f"))
+    print(f"\nsweep.json, sweep.csv, sweep.png and each bench under {out}/")
+    return 0
+
+
+def _analyze(args) -> int:
+    from mtlrec.analysis import gate_utilisation, utilisation_table
+    from mtlrec.analysis.plots import utilisation
+    from mtlrec.trained import load
+
+    trained = load(args.model)
+    table = utilisation_table(trained, gate_utilisation(trained, read_table(args.data)))
+    out = Path(args.out) if args.out else Path(args.model)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "utilisation.csv", index=False)
+    utilisation(table, out / "utilisation.png")
+    shares = table.groupby(["gate", "owner"], sort=False)["weight"].sum().unstack(fill_value=0.0)
+    print("mean gate weight on each kind of expert (rows sum to 1):")
+    print(shares.to_string(float_format="%.3f"))
+    print(f"\nper expert: {out / 'utilisation.csv'}, figure: {out / 'utilisation.png'}")
+    return 0
+
+
+def _report(args) -> int:
+    import json
+
+    from mtlrec.bench import write_outputs
+
+    folder = Path(args.bench)
+    if not (folder / "bench.json").exists():
+        raise FileNotFoundError(f"{folder} has no bench.json; run mtlrec bench first")
+    write_outputs(json.loads((folder / "bench.json").read_text()), folder, folder.name)
+    print(f"wrote {folder / 'report.html'}")
     return 0
 
 
@@ -116,7 +177,8 @@ def _print_metrics(metrics: dict) -> None:
         print(f"{key:>24}  {shown:.6f}" if isinstance(shown, float) else f"{key:>24}  {shown}")
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "bench": _bench, "models": _models}
+COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "bench": _bench, "sweep": _sweep,
+            "analyze": _analyze, "report": _report, "models": _models}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,8 +15,9 @@ from mtlrec.config import Experiment
 from mtlrec.data import Encoder, make_synthetic
 from mtlrec.data.formats import FORMATS
 from mtlrec.data.streaming import ParquetStream, fit_streaming
+from mtlrec.models.base import to_predictions
 from mtlrec.trained import TrainedModel
-from mtlrec.train.trainer import Trainer
+from mtlrec.train.trainer import Trainer, evaluate_logits
 
 
 @dataclass
@@ -79,15 +80,32 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, splits:
         log_path.unlink(missing_ok=True)
     trainer = Trainer(trained.model, encoder.schema, config.train, seed=config.seed, log_path=log_path)
     history = trainer.fit(train, valid)
-    test_metrics = trainer.evaluate(test) if test is not None else {}
+    test_metrics, test_rows = {}, None
+    if test is not None:
+        logits, targets = trainer.predict_split(test)
+        test_metrics = evaluate_logits(encoder.schema, logits, targets, trainer.eval_weights)
+        test_rows = prediction_table(encoder.schema, logits, targets)
     trained.model.cpu()
     seconds = time.perf_counter() - start
     parameters = sum(p.numel() for p in trained.model.parameters())
     if folder is not None:
         trained.save(folder)
+        if test_rows is not None:
+            test_rows.to_parquet(folder / "test_predictions.parquet", index=False)
         summary = {"test": test_metrics, "seconds": seconds, "parameters": parameters, "epochs": len(history)}
         (folder / "metrics.json").write_text(json.dumps(summary, indent=2))
     return RunResult(trained, history, test_metrics, folder, seconds, parameters)
+
+
+def prediction_table(schema, logits: torch.Tensor, targets) -> pd.DataFrame:
+    """Per task: the prediction, the label and whether the row is in the task's space."""
+    predictions = to_predictions(logits, torch.tensor([t.type == "binary" for t in schema.tasks],
+                                                      device=logits.device)).cpu().numpy()
+    labels, mask = targets.labels.cpu().numpy(), targets.mask.cpu().numpy()
+    columns = {}
+    for k, name in enumerate(schema.task_names):
+        columns |= {name: predictions[:, k], f"{name}:label": labels[:, k], f"{name}:in_space": mask[:, k]}
+    return pd.DataFrame(columns)
 
 
 def encode_splits(config: Experiment, splits: Splits | None = None):

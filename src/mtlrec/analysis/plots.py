@@ -1,0 +1,93 @@
+"""Figures (PNG, matplotlib): training curves, seesaw / Pareto scatter, expert utilisation,
+metric against task correlation. Each function writes one file and returns its panel titles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _save(fig, path: Path) -> list[str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    plt.close(fig)
+    return titles
+
+
+def training_curves(bench_dir: Path, metrics: list[str], path: Path) -> list[str]:
+    """Validation metric per epoch, a panel per task metric, a line per model (seed of the
+    first run), read from each run's epochs.jsonl under `bench_dir/MODEL/seedN/`."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for model_dir in sorted(p for p in bench_dir.iterdir() if p.is_dir()):
+        runs = sorted(model_dir.glob("seed*/epochs.jsonl"))
+        if not runs:
+            continue
+        rows = [json.loads(line) for line in runs[0].read_text().splitlines()]
+        for ax, metric in zip(axes[0], metrics):
+            ax.plot([r["epoch"] for r in rows], [r[f"valid/{metric}"] for r in rows], marker=".", label=model_dir.name)
+    for ax, metric in zip(axes[0], metrics):
+        ax.set_title(f"validation {metric}")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def pareto(summary: dict, path: Path) -> list[str]:
+    """Task A's metric against task B's, a point per model (mean, std as error bars), for
+    each pair of tasks: where the seesaw shows, models trade one task for the other."""
+    metrics = summary["metrics"]
+    pairs = [(a, b) for i, a in enumerate(metrics) for b in metrics[i + 1 :]] or [(metrics[0], metrics[0])]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4), squeeze=False)
+    for ax, (a, b) in zip(axes[0], pairs):
+        for row in summary["rows"]:
+            ax.errorbar(row[a], row[b], xerr=row[f"{a} std"], yerr=row[f"{b} std"], fmt="o", capsize=3)
+            ax.annotate(row["model"], (row[a], row[b]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(a)
+        ax.set_ylabel(b)
+        ax.set_title(f"{a} vs {b}")
+    return _save(fig, path)
+
+
+def utilisation(table: pd.DataFrame, path: Path) -> list[str]:
+    """Mean gate weight per expert, a heat map per level (rows: gates, columns: experts)."""
+    levels = list(dict.fromkeys(table["level"]))
+    fig, axes = plt.subplots(1, len(levels), figsize=(max(4.5, 1.1 * table["expert"].nunique() / len(levels) + 3) * len(levels), 3.8),
+                             squeeze=False)
+    for ax, level in zip(axes[0], levels):
+        grid = table[table["level"] == level].pivot(index="gate", columns="expert", values="weight")
+        grid = grid[list(dict.fromkeys(table[table["level"] == level]["expert"]))]
+        image = ax.imshow(grid.fillna(0).to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(grid.shape[1]), [c.split("/", 1)[-1] for c in grid.columns], rotation=60, fontsize=7)
+        ax.set_yticks(range(grid.shape[0]), grid.index, fontsize=7)
+        for (i, j), value in pd.DataFrame(grid.to_numpy()).stack().items():
+            if not math.isnan(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.5 else "k")
+        ax.set_title(f"{level}: mean gate weight")
+        fig.colorbar(image, ax=ax, fraction=0.04)
+    return _save(fig, path)
+
+
+def correlation_sweep(sweep: list[dict], metrics: list[str], path: Path) -> list[str]:
+    """Test metric against the synthetic tasks' correlation, a line per model, a panel per
+    task metric (the MMoE paper's Fig. 4)."""
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    models = list(dict.fromkeys(r["model"] for r in sweep))
+    for ax, metric in zip(axes[0], metrics):
+        for model in models:
+            rows = sorted((r for r in sweep if r["model"] == model), key=lambda r: r["correlation"])
+            ax.errorbar([r["correlation"] for r in rows], [r[metric] for r in rows],
+                        yerr=[r[f"{metric} std"] for r in rows], marker="o", capsize=3, label=model)
+        ax.set_xlabel("task correlation p")
+        ax.set_title(f"test {metric}")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
