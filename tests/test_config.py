@@ -17,7 +17,7 @@ def test_defaults_fill_schema_from_synthetic_data():
 @pytest.mark.parametrize(
     "raw, expected",
     [
-        ({"train": {"epoch": 3}}, "train.epoch: unknown field; allowed: ['alternating', 'batch_size', 'device', 'early_stopping', 'epochs'"),
+        ({"train": {"epoch": 3}}, "train.epoch: unknown field; allowed: ['alternating', 'batch_size', 'checkpoint_every', 'device', 'early_stopping', 'epochs'"),
         ({"model": {"name": "moe"}}, "unknown model 'moe'; allowed: ['single_task', 'shared_bottom', 'asymmetric', 'cross_stitch', 'omoe', 'mmoe', 'cgc', 'ple', 'adatt', 'esmm', 'aitm']"),
         ({"model": {"name": "mmoe", "task_experts": 2}}, "model 'mmoe' has no option(s) ['task_experts']; allowed:"),
         ({"train": {"optimizer": "lbfgs"}}, "train.optimizer: Input should be 'adam', 'adamw', 'sgd' or 'adagrad'"),

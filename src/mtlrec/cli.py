@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
+import torch.distributed
 
 from mtlrec import models
 from mtlrec.config import ConfigError, load_config
 from mtlrec.data import DataError, read_table, write_table
+from mtlrec.train.trainer import NonFiniteLoss, world
 
 DEMO_MODELS = "single_task,shared_bottom,omoe,mmoe,cgc,ple"
 
@@ -26,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set model.name=mmoe --set train.epochs=5")
     train.add_argument("--out", help="model folder (default: OUTPUT_DIR/NAME from the config)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoint in the model folder (train.checkpoint_every)")
 
     evaluate = commands.add_parser("evaluate", help="metrics of a saved model on a labelled table")
     evaluate.add_argument("model", help="model folder")
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, NonFiniteLoss) as err:
         print(f"mtlrec {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -76,10 +82,30 @@ def _train(args) -> int:
 
     config = load_config(args.config, args.set)
     folder = Path(args.out) if args.out else Path(config.output_dir) / config.name
-    result = run_experiment(config, folder)
-    print(f"saved {folder}  ({result.parameters:,} parameters, {result.seconds:.1f} s)")
-    _print_metrics(result.test_metrics or result.history[-1])
+    distributed = _init_distributed(config)
+    try:
+        result = run_experiment(config, folder, resume=args.resume)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if world()[0] == 0 or not distributed:
+        print(f"saved {folder}  ({result.parameters:,} parameters, {result.seconds:.1f} s)")
+        _print_metrics(result.test_metrics or result.history[-1])
     return 0
+
+
+def _init_distributed(config) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on CPU, NCCL on GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if config.train.device.startswith("cuda") or config.train.device == "auto" and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        config.train.device = f"cuda:{local}"
+        torch.distributed.init_process_group("nccl")
+    else:
+        torch.distributed.init_process_group("gloo")
+    return True
 
 
 def _evaluate(args) -> int:

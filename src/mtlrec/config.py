@@ -108,6 +108,9 @@ class TrainConfig(_Strict):
         [], description="one optimizer per parameter group, e.g. adagrad for 'embedding', adam for 'rest'"
     )
     early_stopping: EarlyStopping = EarlyStopping()
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="write a resumable checkpoint every N steps (and at each epoch's end)"
+    )
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
     progress: bool = True

@@ -17,7 +17,7 @@ from mtlrec.data.formats import FORMATS
 from mtlrec.data.streaming import ParquetStream, fit_streaming
 from mtlrec.models.base import to_predictions
 from mtlrec.trained import TrainedModel
-from mtlrec.train.trainer import Trainer, evaluate_logits
+from mtlrec.train.trainer import Trainer, evaluate_logits, world
 
 
 @dataclass
@@ -66,20 +66,28 @@ def load_splits(config: Experiment) -> Splits:
                   None if test is None else test.reset_index(drop=True))
 
 
-def run_experiment(config: Experiment, folder: str | Path | None = None, splits: Splits | None = None) -> RunResult:
-    """Train `config`'s model; save it (with its epoch log and test metrics) to `folder` if given."""
+def run_experiment(config: Experiment, folder: str | Path | None = None, splits: Splits | None = None,
+                   resume: bool = False) -> RunResult:
+    """Train `config`'s model; save it (with its epoch log and test metrics) to `folder` if given.
+
+    With `train.checkpoint_every`, checkpoints go to `folder` too, and `resume=True` continues
+    the run whose checkpoint is there. Under torch.distributed only rank 0 writes."""
     start = time.perf_counter()
+    rank = world()[0]
     encoder, train, valid, test = encode_splits(config, splits)
     torch.manual_seed(config.seed)
     trained = TrainedModel.build(config, encoder)
     log_path = None
     if folder is not None:
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         log_path = folder / "epochs.jsonl"
-        log_path.unlink(missing_ok=True)
-    trainer = Trainer(trained.model, encoder.schema, config.train, seed=config.seed, log_path=log_path)
-    history = trainer.fit(train, valid)
+        if rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                log_path.unlink(missing_ok=True)
+    trainer = Trainer(trained.model, encoder.schema, config.train, seed=config.seed, log_path=log_path,
+                      checkpoint_dir=folder)
+    history = trainer.fit(train, valid, resume=resume)
     test_metrics, test_rows = {}, None
     if test is not None:
         logits, targets = trainer.predict_split(test)
@@ -88,7 +96,7 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, splits:
     trained.model.cpu()
     seconds = time.perf_counter() - start
     parameters = sum(p.numel() for p in trained.model.parameters())
-    if folder is not None:
+    if folder is not None and rank == 0:
         trained.save(folder)
         if test_rows is not None:
             test_rows.to_parquet(folder / "test_predictions.parquet", index=False)
@@ -113,10 +121,12 @@ def encode_splits(config: Experiment, splits: Splits | None = None):
     `data.streaming` (the encoder then fitted in one pass over the training files)."""
     data = config.data
     if data.streaming:
-        train = ParquetStream(data.train, chunk_rows=data.chunk_rows, shuffle_buffer=data.shuffle_buffer)
-        encoder = fit_streaming(Encoder(config.schema), train)
-        train.encoder = encoder
-        valid, test = (ParquetStream(p, encoder, data.chunk_rows) if p else None for p in (data.valid, data.test))
+        shard = world()  # under torch.distributed each rank reads its share of the files
+        whole = ParquetStream(data.train, chunk_rows=data.chunk_rows)
+        encoder = fit_streaming(Encoder(config.schema), whole)  # every rank fits the same encoder
+        train = ParquetStream(data.train, encoder, data.chunk_rows, data.shuffle_buffer, shard=shard)
+        valid, test = (ParquetStream(p, encoder, data.chunk_rows, shard=shard) if p else None
+                       for p in (data.valid, data.test))
         return encoder, train, valid, test
     splits = splits or load_splits(config)
     encoder = Encoder(config.schema).fit(splits.train)

@@ -40,8 +40,11 @@ class ParquetStream:
     """
 
     def __init__(self, path: str | Path, encoder: Encoder | None = None, chunk_rows: int = 65_536,
-                 shuffle_buffer: int = 262_144, labels: bool = True):
-        self.files = parquet_files(path)
+                 shuffle_buffer: int = 262_144, labels: bool = True, shard: tuple[int, int] = (0, 1)):
+        rank, size = shard
+        self.files = parquet_files(path)[rank::size]  # a data-parallel rank reads every size-th file
+        if not self.files:
+            raise DataError(f"{path}: too few .parquet files for {size} processes (rank {rank} gets none)")
         self.encoder = encoder
         self.chunk_rows = chunk_rows
         self.shuffle_buffer = shuffle_buffer

@@ -46,15 +46,25 @@ def build_optimizers(modules: dict[str, nn.Module], config) -> list[torch.optim.
             for g, params in zip(config.optimizers, groups)]
 
 
-def task_schedule(order: str, num_tasks: int, ratios: Sequence[float] | None, seed: int):
-    """Alternating training's task for each step: round robin 0, 1, ..., T-1, 0, ...; or
-    drawn with probabilities proportional to `ratios` by a seeded generator."""
-    if order == "round_robin":
-        step = 0
-        while True:
-            yield step % num_tasks
-            step += 1
-    weights = torch.tensor(list(ratios or [1.0] * num_tasks), dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        yield from torch.multinomial(weights, 1024, replacement=True, generator=generator).tolist()
+class TaskSchedule:
+    """Alternating training's task for each step, a function of the step alone (so a resumed
+    run continues the same sequence): round robin 0, 1, ..., T-1, 0, ...; or drawn with
+    probabilities proportional to `ratios`, 1024 steps at a time, each block from a
+    generator seeded by (seed, block)."""
+
+    BLOCK = 1024
+
+    def __init__(self, order: str, num_tasks: int, ratios: Sequence[float] | None, seed: int):
+        self.order, self.num_tasks, self.seed = order, num_tasks, seed
+        self.weights = torch.tensor(list(ratios or [1.0] * num_tasks), dtype=torch.float64)
+        self._block: tuple[int, list[int]] = (-1, [])
+
+    def task(self, step: int) -> int:
+        if self.order == "round_robin":
+            return step % self.num_tasks
+        block, offset = divmod(step, self.BLOCK)
+        if self._block[0] != block:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + block)
+            draws = torch.multinomial(self.weights, self.BLOCK, replacement=True, generator=generator)
+            self._block = (block, draws.tolist())
+        return self._block[1][offset]

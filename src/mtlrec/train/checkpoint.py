@@ -1,0 +1,53 @@
+"""Training checkpoints: everything a killed run needs to continue exactly where it was.
+
+A checkpoint holds the model, optimizers and weighting, the RNG states, the data position
+(epoch, step within it, and the shuffle generator's state at the epoch's start), the
+history and the early-stopping state. It is written to a temporary file and renamed over the
+old one, so a crash mid-write leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT, SIDECAR = "checkpoint.pt", "checkpoint.json"
+
+
+def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CHECKPOINT
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    info = {"step": state["global_step"], "epoch": state["epoch"], "step_in_epoch": state["step_in_epoch"]}
+    tmp_info = folder / (SIDECAR + ".tmp")
+    tmp_info.write_text(json.dumps(info))
+    os.replace(tmp_info, folder / SIDECAR)
+    return path
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any]:
+    path = folder / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint to resume from: {path}")
+    return torch.load(path, weights_only=False)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
