@@ -83,12 +83,13 @@ def _train(args) -> int:
     config = load_config(args.config, args.set)
     folder = Path(args.out) if args.out else Path(config.output_dir) / config.name
     distributed = _init_distributed(config)
+    rank = world()[0]
     try:
         result = run_experiment(config, folder, resume=args.resume)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
-    if world()[0] == 0 or not distributed:
+    if rank == 0:
         print(f"saved {folder}  ({result.parameters:,} parameters, {result.seconds:.1f} s)")
         _print_metrics(result.test_metrics or result.history[-1])
     return 0
