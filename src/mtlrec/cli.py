@@ -1,4 +1,4 @@
-"""`mtlrec train | evaluate | predict | bench | sweep | analyze | report | models`."""
+"""`mtlrec train | evaluate | predict | bench | sweep | analyze | report | rank | export | serve | models`."""
 
 from __future__ import annotations
 
@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 
     report = commands.add_parser("report", help="(re)write the figures and report.html of a bench folder")
     report.add_argument("bench", help="folder written by mtlrec bench")
+
+    rank = commands.add_parser("rank", help="rank rows per group by the fused score of all tasks")
+    rank.add_argument("model", help="model folder")
+    rank.add_argument("data", help="CSV or Parquet file")
+    rank.add_argument("--group-by", required=True, help="column that defines a ranking list (user, request)")
+    rank.add_argument("--top-k", type=int, default=10)
+    rank.add_argument("--out", help="write each group's top k rows with scores here (.csv/.parquet)")
 
     commands.add_parser("models", help="list the models and their options")
 
@@ -190,6 +197,22 @@ def _report(args) -> int:
     return 0
 
 
+def _rank(args) -> int:
+    from mtlrec.rank import rank_table
+    from mtlrec.trained import load
+
+    if args.top_k < 1:
+        raise ValueError("--top-k must be at least 1")
+    top, metrics = rank_table(load(args.model), read_table(args.data), args.group_by, args.top_k)
+    if args.out:
+        write_table(top, args.out)
+        print(f"wrote {len(top)} rows ({top[args.group_by].nunique()} groups) to {args.out}")
+    else:
+        print(top.head(3 * args.top_k).to_string(index=False, max_cols=12))
+    _print_metrics(metrics)
+    return 0
+
+
 def _models(args) -> int:
     for name in models.list_models():
         print(f"{name}: {models.SUMMARIES[name]}")
@@ -205,7 +228,7 @@ def _print_metrics(metrics: dict) -> None:
 
 
 COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "bench": _bench, "sweep": _sweep,
-            "analyze": _analyze, "report": _report, "models": _models}
+            "analyze": _analyze, "report": _report, "rank": _rank, "models": _models}
 
 if __name__ == "__main__":
     sys.exit(main())

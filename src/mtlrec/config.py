@@ -124,6 +124,20 @@ class TrainConfig(_Strict):
         return self
 
 
+class ItemFactor(_Strict):
+    column: str = Field(description="item feature column, e.g. video_length")
+    transform: Literal["identity", "log1p", "sqrt"] = "identity"
+    power: float = Field(1.0, description="f(x) = transform(x) ** power")
+
+
+class RankConfig(_Strict):
+    """The fused ranking score, PLE paper Eq. 1: score = prod_k p_k^w_k * f(item)."""
+
+    weights: dict[str, float] = Field({}, description="w_k per task; empty: 1 for every task; unnamed tasks: 0")
+    item: ItemFactor | None = Field(None, description="f of an item feature; none: f = 1")
+    relevance: dict[str, float] = Field({}, description="NDCG relevance = sum_k r_k y_k; empty: the weights")
+
+
 class Experiment(_Strict):
     name: str = "experiment"
     seed: int = 0
@@ -135,6 +149,7 @@ class Experiment(_Strict):
         {}, description="`mtlrec bench`: options per model name (a model not named here uses its defaults)"
     )
     train: TrainConfig = TrainConfig()
+    rank: RankConfig = RankConfig()
     output_dir: str = "runs"
 
     @model_validator(mode="after")
@@ -161,6 +176,10 @@ class Experiment(_Strict):
         ]
         if metric not in allowed:
             raise ValueError(f"train.early_stopping.metric {metric!r} is not one of {allowed}")
+        for field in ("weights", "relevance"):
+            unknown = sorted(set(getattr(self.rank, field)) - set(schema.task_names))
+            if unknown:
+                raise ValueError(f"rank.{field} names unknown task(s) {unknown}; tasks: {schema.task_names}")
         ratios = self.train.alternating.ratios
         if ratios is not None and (len(ratios) != len(schema.tasks) or min(ratios) < 0 or sum(ratios) <= 0):
             raise ValueError(f"train.alternating.ratios needs {len(schema.tasks)} non-negative values, not all 0")
