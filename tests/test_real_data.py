@@ -130,3 +130,10 @@ def test_wrong_column_type_in_parquet_is_named(tmp_path):
     with pytest.raises(DataError, match=r"column 'x' must be numeric: row 1 holds 'abc'"):
         enc.transform(read_table(tmp_path / "bad.parquet"))
     assert CENSUS_COLUMNS[-1] == "income"
+
+
+def test_dense_values_beyond_float32_are_named():
+    schema = Schema(dense=[{"name": "x"}], tasks=[{"name": "y"}])
+    enc = Encoder(schema).fit(pd.DataFrame({"x": [1.0, 2.0], "y": [0, 1]}))
+    with pytest.raises(DataError, match=r"column 'x': row 1 holds .*out of float32 range"):
+        enc.transform(pd.DataFrame({"x": [1.0, 1e300], "y": [0, 1]}))

@@ -74,6 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     rank.add_argument("--top-k", type=int, default=10)
     rank.add_argument("--out", help="write each group's top k rows with scores here (.csv/.parquet)")
 
+    export = commands.add_parser("export", help="ONNX or TorchScript, from raw feature values to predictions")
+    export.add_argument("model", help="model folder")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    export.add_argument("--out", help="output file (default: MODEL/model.onnx or MODEL/model.torchscript.pt)")
+
+    serve = commands.add_parser("serve", help="HTTP JSON scoring service")
+    serve.add_argument("model", help="model folder")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-rows", type=int, default=10_000, help="rows per request at most")
+
     commands.add_parser("models", help="list the models and their options")
 
     args = parser.parse_args(argv)
@@ -213,6 +224,27 @@ def _rank(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from mtlrec.export import export_onnx, export_torchscript
+    from mtlrec.trained import load
+
+    trained = load(args.model)
+    default = "model.onnx" if args.format == "onnx" else "model.torchscript.pt"
+    out = Path(args.out) if args.out else Path(args.model) / default
+    (export_onnx if args.format == "onnx" else export_torchscript)(trained, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from mtlrec.serve import create_app
+
+    uvicorn.run(create_app(args.model, max_rows=args.max_rows), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _models(args) -> int:
     for name in models.list_models():
         print(f"{name}: {models.SUMMARIES[name]}")
@@ -228,7 +260,8 @@ def _print_metrics(metrics: dict) -> None:
 
 
 COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "bench": _bench, "sweep": _sweep,
-            "analyze": _analyze, "report": _report, "rank": _rank, "models": _models}
+            "analyze": _analyze, "report": _report, "rank": _rank, "export": _export,
+            "serve": _serve, "models": _models}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -112,6 +112,11 @@ class Encoder:
         for j, f in enumerate(s.dense):
             mean, std = self.scalers[f.name]
             values = (_numeric(table[f.name], f.name) - mean) / std
+            too_large = np.abs(values) > np.finfo(np.float32).max  # inf too
+            if too_large.any():
+                row = too_large.nonzero()[0][0]
+                raise DataError(f"column {f.name!r}: row {table.index[row]!r} holds {table[f.name].iloc[row]!r}, "
+                                "out of float32 range after scaling")
             dense[:, j] = np.nan_to_num(values, nan=0.0)
         label_values = np.zeros((n, len(s.tasks)), dtype=np.float32)
         mask = np.zeros((n, len(s.tasks)), dtype=bool)
