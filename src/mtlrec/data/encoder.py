@@ -31,6 +31,7 @@ class Encoder:
         self.raw_schema = schema
         self.vocabularies = vocabularies or {}
         self.scalers = scalers or {}
+        self._indexes: dict[str, pd.Index] = {}
 
     @property
     def fitted(self) -> bool:
@@ -45,6 +46,7 @@ class Encoder:
     def fit_chunks(self, tables) -> Encoder:
         """Learn vocabularies and scalers in one pass over chunks of the training rows."""
         s = self.raw_schema
+        self._indexes = {}
         counted = [f for f in s.sparse if not f.hash_buckets]
         counts = {f.name: pd.Series(dtype="int64") for f in counted}
         moments = {f.name: np.zeros(3) for f in s.dense}  # n, sum, sum of squares (finite values)
@@ -106,7 +108,7 @@ class Encoder:
                 hashed = pd.util.hash_array(values.fillna("").to_numpy(dtype=object)) % np.uint64(f.hash_buckets)
                 sparse[:, j] = np.where(values.isna().to_numpy(), 0, hashed.astype(np.int64) + 1)
             else:
-                codes = pd.Index(self.vocabularies[f.name], dtype="string").get_indexer(values)
+                codes = self._index(f.name).get_indexer(values)
                 sparse[:, j] = codes + 1  # unseen / missing: -1 -> 0
         dense = np.zeros((n, len(s.dense)), dtype=np.float32)
         for j, f in enumerate(s.dense):
@@ -133,6 +135,12 @@ class Encoder:
             torch.from_numpy(sparse), torch.from_numpy(dense),
             torch.from_numpy(label_values), torch.from_numpy(mask),
         )
+
+    def _index(self, name: str) -> pd.Index:
+        """The vocabulary of a feature as a hashed index, built once."""
+        if name not in self._indexes:
+            self._indexes[name] = pd.Index(self.vocabularies[name], dtype="string")
+        return self._indexes[name]
 
     def to_dict(self) -> dict[str, Any]:
         return {
