@@ -47,12 +47,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-norm", action="store_true")
+    parser.add_argument("--variants", default="default",
+                        help="comma-separated: default, plain-adam (no fused optimizer), bf16, compile")
     args = parser.parse_args()
+    for variant in args.variants.split(","):
+        run(args, variant)
+
+
+VARIANTS = {"default": {}, "plain-adam": {"fused_optimizer": False}, "bf16": {"precision": "bf16"},
+            "compile": {"compile": True}}
+
+
+def run(args, variant: str) -> None:
     schema, data = workload(args.rows)
-    print(f"device {args.device}, threads {args.threads or torch.get_num_threads()}, rows {args.rows}")
+    print(f"device {args.device}, threads {args.threads or torch.get_num_threads()}, rows {args.rows}, {variant}")
     for name, options in MODELS.items():
         config = TrainConfig(epochs=1, batch_size=1024, lr=1e-3, device=args.device, threads=args.threads,
-                             progress=False)
+                             progress=False, **VARIANTS[variant])
         train_rates, predict_rates = [], []
         for r in range(args.rounds):
             torch.manual_seed(r)

@@ -17,7 +17,7 @@ def test_defaults_fill_schema_from_synthetic_data():
 @pytest.mark.parametrize(
     "raw, expected",
     [
-        ({"train": {"epoch": 3}}, "train.epoch: unknown field; allowed: ['alternating', 'batch_size', 'checkpoint_every', 'device', 'early_stopping', 'epochs'"),
+        ({"train": {"epoch": 3}}, "train.epoch: unknown field; allowed: ['alternating', 'batch_size'"),
         ({"model": {"name": "moe"}}, "unknown model 'moe'; allowed: ['single_task', 'shared_bottom', 'asymmetric', 'cross_stitch', 'omoe', 'mmoe', 'cgc', 'ple', 'adatt', 'esmm', 'aitm']"),
         ({"model": {"name": "mmoe", "task_experts": 2}}, "model 'mmoe' has no option(s) ['task_experts']; allowed:"),
         ({"train": {"optimizer": "lbfgs"}}, "train.optimizer: Input should be 'adam', 'adamw', 'sgd' or 'adagrad'"),
@@ -31,6 +31,12 @@ def test_defaults_fill_schema_from_synthetic_data():
 )
 def test_bad_fields_are_named_with_what_is_allowed(raw, expected):
     assert expected in errors_of(raw)
+
+
+def test_unknown_field_lists_every_allowed_field():
+    message = errors_of({"train": {"epoch": 3}})
+    for field in ("'epochs'", "'lr'", "'weighting'", "'early_stopping'", "'precision'"):
+        assert field in message
 
 
 def test_file_data_needs_features_and_tasks():

@@ -31,7 +31,8 @@ def build_optimizers(modules: dict[str, nn.Module], config) -> list[torch.optim.
     named = [(f"{prefix}.{n}" if prefix else n, p) for prefix, m in modules.items() for n, p in m.named_parameters()]
     if not config.optimizers:
         params = [p for _, p in named]
-        return [OPTIMIZERS[config.optimizer](params, lr=config.lr, weight_decay=config.weight_decay)] if params else []
+        return [make_optimizer(config.optimizer, params, config.lr, config.weight_decay, config.fused_optimizer)
+                ] if params else []
     groups: list[list[nn.Parameter]] = [[] for _ in config.optimizers]
     rest = next((i for i, g in enumerate(config.optimizers) if g.params == "rest"), None)
     for name, p in named:
@@ -42,8 +43,17 @@ def build_optimizers(modules: dict[str, nn.Module], config) -> list[torch.optim.
     for group, params in zip(config.optimizers, groups):
         if not params:
             raise ValueError(f"train.optimizers: group {group.params!r} matches no parameter")
-    return [OPTIMIZERS[g.optimizer](params, lr=g.lr, weight_decay=g.weight_decay)
+    return [make_optimizer(g.optimizer, params, g.lr, g.weight_decay, config.fused_optimizer)
             for g, params in zip(config.optimizers, groups)]
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float, fused: bool) -> torch.optim.Optimizer:
+    """`fused`: Adam / AdamW / SGD / Adagrad update all parameters in one fused kernel
+    (torch's `fused=True`) instead of a loop over parameter tensors."""
+    options = {"lr": lr, "weight_decay": weight_decay}
+    if fused:
+        options["fused"] = True
+    return OPTIMIZERS[name](params, **options)
 
 
 class TaskSchedule:

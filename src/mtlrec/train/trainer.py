@@ -76,6 +76,7 @@ class Trainer:
             raise ValueError(f"train.batch_size {config.batch_size} must divide by the {self.world} processes")
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
+        self.forward = torch.compile(self.model) if config.compile else self.model
         self.schema = schema
         self.config = config
         self.seed = seed
@@ -184,8 +185,13 @@ class Trainer:
             share = -(-len(batch) // self.world)
             yield batch.rows(self.rank * share, (self.rank + 1) * share)
 
+    def _forward(self, batch: TensorData):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            out = self.forward(batch.sparse, batch.dense)
+        return out._replace(logits=out.logits.float())
+
     def _step(self, batch: TensorData) -> tuple[Tensor, Tensor]:
-        out = self.model(batch.sparse, batch.dense)
+        out = self._forward(batch)
         losses = task_losses(out.logits, batch.labels, batch.mask, self.binary)
         nonfinite = ~torch.isfinite(losses.detach())
         self._first_bad = torch.where(nonfinite & (self._first_bad < 0), self.global_step, self._first_bad)
@@ -295,7 +301,7 @@ class Trainer:
         logits, labels, masks = [], [], []
         for batch in data.batches(4 * self.config.batch_size):
             batch = batch.to(self.device)
-            logits.append(self.model(batch.sparse, batch.dense).logits)
+            logits.append(self._forward(batch).logits)
             labels.append(batch.labels)
             masks.append(batch.mask)
         parts = [torch.cat(x) if x else torch.zeros(0, self.schema.num_tasks, device=self.device)
