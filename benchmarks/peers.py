@@ -11,7 +11,7 @@ library's trainer (building its data loader included), predict rows/s, peak memo
 process, test AUC of both tasks, and achieved GFLOP/s (the model's FLOPs per row, counted by
 torch's FlopCounterMode, times rows/s) as a share of a plain fp32 matmul on the same machine.
 
-    pip install deepctr-torch torch-rechub scikit-learn    # bench-only, after torch==2.13.0
+    pip install -e '.[bench]'     # deepctr-torch, torch-rechub (bench only), after torch==2.13.0
     python benchmarks/peers.py --rounds 3
 """
 
@@ -29,8 +29,6 @@ import numpy as np
 import torch
 
 SPARSE, DENSE, DIM, BATCH = 26, 13, 8, 1024
-BN = True
-W = 1.0
 PLE = {"levels": 2, "shared": 2, "specific": 2, "experts": [256, 128], "tower": [64]}
 MMOE = {"experts_n": 4, "experts": [256, 128], "tower": [64]}
 
@@ -70,7 +68,7 @@ def flops_per_row(model: torch.nn.Module, batch) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- the three libraries
-def run_mtlrec(model_name, x, y, xt, yt, vocab):
+def run_mtlrec(model_name, x, y, xt, yt, vocab, precision="fp32"):
     import pandas as pd
 
     from mtlrec import models
@@ -80,7 +78,7 @@ def run_mtlrec(model_name, x, y, xt, yt, vocab):
     from mtlrec.train.trainer import Trainer
 
     schema = Schema(sparse=[{"name": f"s{i}", "embedding_dim": DIM} for i in range(SPARSE)],
-                    dense=[{"name": f"d{i}"} for i in range(DENSE)], tasks=[{"name": "t0", "weight": W}, {"name": "t1", "weight": W}])
+                    dense=[{"name": f"d{i}"} for i in range(DENSE)], tasks=[{"name": "t0"}, {"name": "t1"}])
     options = ({"num_levels": PLE["levels"], "task_experts": PLE["specific"], "shared_experts": PLE["shared"]}
                if model_name == "ple" else {"num_experts": MMOE["experts_n"]})
     train_table = pd.DataFrame(x | {"t0": y[:, 0], "t1": y[:, 1]})
@@ -90,8 +88,9 @@ def run_mtlrec(model_name, x, y, xt, yt, vocab):
     train = encoder.transform(train_table)
     torch.manual_seed(0)
     model = models.create(model_name, encoder.schema, expert_hidden=PLE["experts"], tower_hidden=PLE["tower"],
-                          batch_norm=BN, **options)
-    trainer = Trainer(model, encoder.schema, TrainConfig(epochs=1, batch_size=BATCH, lr=1e-3, progress=False))
+                          batch_norm=True, **options)
+    config = TrainConfig(epochs=1, batch_size=BATCH, lr=1e-3, progress=False, precision=precision)
+    trainer = Trainer(model, encoder.schema, config)
     trainer.fit(train)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
@@ -166,7 +165,8 @@ def run_rechub(model_name, x, y, xt, yt, vocab):
     return train_seconds, predict_seconds, probs, flops
 
 
-RUNNERS = {"mtlrec": run_mtlrec, "deepctr-torch": run_deepctr, "torch-rechub": run_rechub}
+RUNNERS = {"mtlrec": run_mtlrec, "mtlrec-bf16": lambda *a: run_mtlrec(*a, precision="bf16"),
+           "deepctr-torch": run_deepctr, "torch-rechub": run_rechub}
 
 
 def child(library: str, model_name: str, rows: int, threads: int) -> None:
@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="ple,mmoe")
-    parser.add_argument("--libraries", default=",".join(RUNNERS))
+    parser.add_argument("--libraries", default=",".join(RUNNERS), help="mtlrec-bf16: bf16 autocast (opt-in)")
     parser.add_argument("--child", nargs=2, metavar=("LIBRARY", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -21,3 +21,12 @@ def test_training_on_cuda_matches_cpu(tiny_config):
     splits = load_splits(load_config(tiny_config))
     assert next(gpu.trained.model.parameters()).device.type == "cpu"  # handed back on the CPU
     assert gpu.trained.predict(splits.test).shape == (len(splits.test), 2)
+
+
+@pytest.mark.parametrize("name", ["omoe", "mmoe", "ple", "adatt", "cross_stitch", "esmm"])
+def test_bf16_autocast_on_cuda(tiny_config, name):
+    raw = tiny_config | {"model": {"name": name, "tower_hidden": [8]},
+                         "train": tiny_config["train"] | {"device": "cuda", "precision": "bf16", "epochs": 2}}
+    raw["data"]["synthetic"]["task_types"] = ["binary", "binary"]
+    result = run_experiment(load_config(raw))
+    assert result.test_metrics["auc/y1"] > 0.7

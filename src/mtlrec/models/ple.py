@@ -106,12 +106,14 @@ class ExtractionLevel(nn.Module):
         experts = self.experts(x)  # [B, E, H]
         weights = [gate(x if self.first else x[g]) for g, gate in enumerate(self.gates)]
         b, n_gates = experts.shape[0], len(self.gates)
-        mix = experts.new_zeros(b, n_gates * self.num_experts)
-        mix = mix.index_copy(1, self.mix_index, torch.cat(weights, dim=1)).view(b, n_gates, self.num_experts)
+        flat = torch.cat(weights, dim=1)  # in the gates' dtype (float32 under CUDA autocast)
+        mix = flat.new_zeros(b, n_gates * self.num_experts)
+        mix = mix.index_copy(1, self.mix_index, flat).view(b, n_gates, self.num_experts)
         if self.native is not None:
-            v = experts.new_zeros(n_gates * self.num_experts).index_copy(0, self.native_index, torch.cat(list(self.native)))
+            native = torch.cat(list(self.native)).to(flat.dtype)
+            v = flat.new_zeros(n_gates * self.num_experts).index_copy(0, self.native_index, native)
             mix = mix + v.view(n_gates, self.num_experts)
-        mixed = torch.bmm(mix, experts)  # [B, gates, H]
+        mixed = torch.bmm(mix.to(experts.dtype), experts)  # [B, gates, H]
         shared = mixed[:, self.num_tasks] if self.shared_gate else None
         return mixed[:, : self.num_tasks], shared, dict(zip(self.gate_names, weights))
 
