@@ -1,6 +1,33 @@
-"""Small builders shared by the tests."""
+"""Small builders and the plain reference computations shared by the tests."""
+
+import torch
+from torch import nn
 
 from mtlrec.schema import Schema
+
+
+def linear_layers(module):
+    """(weight `[in, out]`, bias) of each nn.Linear in a module, in order."""
+    return [(m.weight.T, m.bias) for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def plain_mlp(x, layers, activate_last=True):
+    """x @ W + b layer by layer, ReLU between (and after the last unless activate_last=False)."""
+    for i, (w, b) in enumerate(layers):
+        x = x @ w + b
+        if i < len(layers) - 1 or activate_last:
+            x = torch.relu(x)
+    return x
+
+
+def plain_gate(x, gate):
+    """softmax(W_L relu(... relu(W_1 x + b_1)) + b_L), from the gate's Linear layers."""
+    return torch.softmax(plain_mlp(x, linear_layers(gate), activate_last=False), dim=1)
+
+
+def mix(weights, experts):
+    """sum_j weights[:, j] * experts[j]: a gate's mixture, one expert at a time."""
+    return sum(weights[:, j : j + 1] * f for j, f in enumerate(experts))
 
 
 def dense_schema(n_dense: int = 6, tasks=("a", "b"), types=None) -> Schema:

@@ -6,33 +6,11 @@ out of the model under test; it shares no computation with the fused implementat
 
 import pytest
 import torch
-from torch import nn
 
 from mtlrec import models
-from helpers import dense_schema
+from helpers import dense_schema, linear_layers, mix, plain_gate, plain_mlp
 
 TOL = 1e-6
-
-
-def plain_mlp(x, layers, activate_last=True):
-    for i, (w, b) in enumerate(layers):
-        x = x @ w + b
-        if i < len(layers) - 1 or activate_last:
-            x = torch.relu(x)
-    return x
-
-
-def linear_layers(module):
-    return [(m.weight.T, m.bias) for m in module.modules() if isinstance(m, nn.Linear)]
-
-
-def plain_gate(x, gate):
-    """softmax(W_L relu(... relu(W_1 x + b_1)) + b_L), from the gate's Linear layers."""
-    return torch.softmax(plain_mlp(x, linear_layers(gate), activate_last=False), dim=1)
-
-
-def mix(weights, experts):
-    return sum(weights[:, j : j + 1] * f for j, f in enumerate(experts))
 
 
 def plain_ple(backbone, x, task_experts, shared_experts):

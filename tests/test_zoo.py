@@ -6,25 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mtlrec import models
 from mtlrec.losses import task_losses
-from helpers import dense_schema
+from helpers import dense_schema, linear_layers as layers_of, plain_mlp as mlp
 
 TOL = 1e-6
-
-
-def layers_of(module):
-    return [(m.weight.T, m.bias) for m in module.modules() if isinstance(m, nn.Linear)]
-
-
-def mlp(x, layers, activate_last=True):
-    for i, (w, b) in enumerate(layers):
-        x = x @ w + b
-        if i < len(layers) - 1 or activate_last:
-            x = torch.relu(x)
-    return x
 
 
 def build(name, tasks=("a", "b"), types=None, **options):

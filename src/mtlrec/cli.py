@@ -196,8 +196,6 @@ def _analyze(args) -> int:
 
 
 def _report(args) -> int:
-    import json
-
     from mtlrec.bench import write_outputs
 
     folder = Path(args.bench)

@@ -17,7 +17,6 @@ from mtlrec.data.formats import FORMATS
 from mtlrec.data.synthetic import SyntheticConfig, synthetic_schema
 from mtlrec.losses.weighting import split_spec
 from mtlrec.schema import DenseFeature, Schema, SparseFeature, Task, _Strict
-from mtlrec.train.metrics import HIGHER_IS_BETTER
 
 
 class ConfigError(ValueError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mtlrec.models.base import Backbone, BackboneOutput
 from mtlrec.models.ple import ExtractionLevel
