@@ -89,7 +89,8 @@ def run_mtlrec(model_name, x, y, xt, yt, vocab, precision="fp32"):
     torch.manual_seed(0)
     model = models.create(model_name, encoder.schema, expert_hidden=PLE["experts"], tower_hidden=PLE["tower"],
                           batch_norm=True, **options)
-    config = TrainConfig(epochs=1, batch_size=BATCH, lr=1e-3, progress=False, precision=precision)
+    config = TrainConfig(epochs=1, batch_size=BATCH, lr=1e-3, progress=False, precision=precision,
+                         fused_optimizer=True)
     trainer = Trainer(model, encoder.schema, config)
     trainer.fit(train)
     train_seconds = time.perf_counter() - start

@@ -48,13 +48,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-norm", action="store_true")
     parser.add_argument("--variants", default="default",
-                        help="comma-separated: default, plain-adam (no fused optimizer), bf16, compile")
+                        help="comma-separated: default, fused-adam, bf16, compile")
     args = parser.parse_args()
     for variant in args.variants.split(","):
         run(args, variant)
 
 
-VARIANTS = {"default": {}, "plain-adam": {"fused_optimizer": False}, "bf16": {"precision": "bf16"},
+VARIANTS = {"default": {}, "fused-adam": {"fused_optimizer": True}, "bf16": {"precision": "bf16"},
             "compile": {"compile": True}}
 
 

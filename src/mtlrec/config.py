@@ -107,7 +107,7 @@ class TrainConfig(_Strict):
         [], description="one optimizer per parameter group, e.g. adagrad for 'embedding', adam for 'rest'"
     )
     early_stopping: EarlyStopping = EarlyStopping()
-    fused_optimizer: bool = Field(True, description="one fused optimizer kernel for all parameters (torch fused=True)")
+    fused_optimizer: bool = Field(False, description="one fused optimizer kernel for all parameters (torch fused=True)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the forward pass to bfloat16")
     compile: bool = Field(False, description="torch.compile the model (first steps slower while it compiles)")
     checkpoint_every: int | None = Field(
