@@ -109,6 +109,12 @@ def test_esmm_ctcvr_is_the_product_and_cvr_is_reported():
     torch.testing.assert_close(loss, F.binary_cross_entropy(torch.sigmoid(ctr) * torch.sigmoid(cvr), y))
     with pytest.raises(ValueError, match="exactly two binary tasks"):
         models.create("esmm", dense_schema(5, tasks=("c", "t"), types=["binary", "regression"]))
+    spaced = dense_schema(5, tasks=("click", "buy"))
+    spaced.tasks[1].space = "click == 1"
+    with pytest.raises(ValueError, match="entire impression space"):
+        models.create("esmm", spaced)
+    with pytest.raises(ValueError, match="entire impression space"):
+        models.create("aitm", spaced)
 
 
 def test_product_logit_is_accurate_at_the_extremes():

@@ -47,6 +47,8 @@ class ESMM(MultiTaskModel):
         if len(schema.tasks) != 2 or any(t.type != "binary" for t in schema.tasks):
             raise ValueError("esmm needs exactly two binary tasks, in order: click (CTR), then "
                              "click-and-convert (CTCVR), both labelled on every impression")
+        if any(t.space for t in schema.tasks):
+            raise ValueError("esmm trains both tasks on the entire impression space: remove the tasks' space")
         super().__init__(schema, backbone, tower_hidden, tower_dropout, **backbone_options)
 
     def forward(self, sparse: Tensor, dense: Tensor) -> ModelOutput:
