@@ -104,6 +104,8 @@ def _train(args) -> int:
     rank = world()[0]
     try:
         result = run_experiment(config, folder, resume=args.resume)
+        if distributed:
+            torch.distributed.barrier()  # rank 0 may still be writing; leave the group together
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
