@@ -1,8 +1,11 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from mtlrec.nn import ExpertBank, FeatureEmbedding
+from mtlrec.nn.experts import expert_batch_norm
 from mtlrec.schema import Schema
 
 
@@ -40,6 +43,25 @@ def test_fused_batch_norm_normalises_each_expert_unit():
     pre = torch.stack([x @ w + b for w, b in (bank.expert_layers(e)[0] for e in range(3))], 1)  # [B, E, h]
     expected = torch.tanh((pre - pre.mean(0)) / torch.sqrt(pre.var(0, unbiased=False) + 1e-5))
     torch.testing.assert_close(bank(x), expected, atol=1e-5, rtol=0)
+
+
+def test_expert_batch_norm_equals_batchnorm1d_on_the_transposed_view():
+    torch.manual_seed(0)
+    bank = ExpertBank(4, 3, [6, 5], batch_norm=True)
+    norm = bank.norms[0]
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    reference = copy.deepcopy(norm)
+    pre = torch.randn(3, 17, 6) * 2 + 1  # [E, B, h]
+    as_reference = lambda n: n(pre.transpose(0, 1).reshape(17, 18)).view(17, 3, 6).transpose(0, 1)
+    for training in (True, True, False):
+        norm.train(training)
+        reference.train(training)
+        torch.testing.assert_close(expert_batch_norm(pre, norm), as_reference(reference), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm.running_mean, reference.running_mean)
+        torch.testing.assert_close(norm.running_var, reference.running_var)
+    assert norm.num_batches_tracked == reference.num_batches_tracked == 2
 
 
 def test_bank_rejects_too_few_input_groups():

@@ -88,11 +88,26 @@ class ExpertBank(nn.Module):
         if not self.active[layer]:
             return out
         norm = self.norms[layer]
-        if isinstance(norm, nn.BatchNorm1d):  # per expert, per unit: normalise [B, E*h]
-            e, b, h = out.shape
-            out = norm(out.transpose(0, 1).reshape(b, e * h)).view(b, e, h).transpose(0, 1)
+        if isinstance(norm, nn.BatchNorm1d):
+            out = expert_batch_norm(out, norm)
         return self.dropout(self.activations[layer](out))
 
     def expert_layers(self, expert: int) -> list[tuple[Tensor, Tensor]]:
         """(weight `[in, out]`, bias `[out]`) of each layer of one expert, for inspection."""
         return [(w[expert], b[expert]) for w, b in zip(self.weights, self.biases)]
+
+
+def expert_batch_norm(out: Tensor, norm: nn.BatchNorm1d) -> Tensor:
+    """Batch norm per expert and unit of `[E, B, h]`: what `norm` (a BatchNorm1d over E*h
+    features) does to the `[B, E*h]` view.
+
+    Training runs torch's kernel on that view (two transposed copies; a hand-written
+    version with autograd was slower); evaluation applies the running statistics as one
+    affine map on `[E, B, h]` as it lies, with no copy.
+    """
+    e, b, h = out.shape
+    if norm.training:
+        return norm(out.transpose(0, 1).reshape(b, e * h)).view(b, e, h).transpose(0, 1)
+    scale = (norm.weight * torch.rsqrt(norm.running_var + norm.eps)).view(e, 1, h)
+    shift = norm.bias.view(e, 1, h) - norm.running_mean.view(e, 1, h) * scale
+    return torch.addcmul(shift, out, scale)
