@@ -110,4 +110,4 @@ def expert_batch_norm(out: Tensor, norm: nn.BatchNorm1d) -> Tensor:
         return norm(out.transpose(0, 1).reshape(b, e * h)).view(b, e, h).transpose(0, 1)
     scale = (norm.weight * torch.rsqrt(norm.running_var + norm.eps)).view(e, 1, h)
     shift = norm.bias.view(e, 1, h) - norm.running_mean.view(e, 1, h) * scale
-    return torch.addcmul(shift, out, scale)
+    return torch.addcmul(shift.to(out.dtype), out, scale.to(out.dtype))  # stays bf16 under autocast
