@@ -320,9 +320,10 @@ class Trainer:
 
     def _log(self, row: dict[str, float]) -> None:
         self.history.append(row)
-        if self.config.progress and self.rank == 0:
-            shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-            tqdm.write(shown)
+        if self.config.progress and self.rank == 0:  # the headline numbers; epochs.jsonl has them all
+            keys = ["train/loss", "valid/loss"] + [k for k in row if k.startswith(("valid/auc/", "valid/mse/"))]
+            shown = "  ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
+            tqdm.write(f"epoch {row['epoch']}  {shown}  ({row['seconds']:.1f} s)")
         if self.log_path:
             with self.log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
