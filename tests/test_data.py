@@ -126,3 +126,20 @@ def test_bad_sample_space_is_named(space, message):
     t = pd.DataFrame({"x": [1.0, 2], "click": [1, 0], "buy": [1, 0]})
     with pytest.raises(DataError, match=f"task 'buy': {message}"):
         Encoder(s).fit(t).transform(t)
+
+
+def test_integer_columns_take_the_fast_path_to_the_same_ids():
+    s = Schema(sparse=[{"name": "k", "min_freq": 2}], tasks=[{"name": "y"}])
+    rng = np.random.default_rng(0)
+    ints = rng.integers(-5, 300, 2000)
+    train = pd.DataFrame({"k": ints, "y": 0})
+    as_text = pd.DataFrame({"k": ints.astype(str), "y": 0})
+    a, b = Encoder(s).fit(train), Encoder(s).fit(as_text)
+    assert a.vocabularies == b.vocabularies
+    probe = rng.integers(-10, 400, 500)
+    fast = a.transform(pd.DataFrame({"k": probe, "y": 0})).sparse[:, 0]
+    slow = a.transform(pd.DataFrame({"k": probe.astype(str), "y": 0})).sparse[:, 0]
+    assert a._integer_index("k") is not None and torch.equal(fast, slow)
+    odd = Encoder(s, vocabularies={"k": ["007", "7"]}, scalers={})
+    assert odd._integer_index("k") is None  # "007" is no integer's canonical string
+    assert odd.transform(pd.DataFrame({"k": [7], "y": [0]})).sparse[0, 0] == 2

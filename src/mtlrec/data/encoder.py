@@ -31,7 +31,7 @@ class Encoder:
         self.raw_schema = schema
         self.vocabularies = vocabularies or {}
         self.scalers = scalers or {}
-        self._indexes: dict[str, pd.Index] = {}
+        self._indexes: dict = {}  # feature -> vocabulary index, built once
 
     @property
     def fitted(self) -> bool:
@@ -55,7 +55,13 @@ class Encoder:
             _require_columns(table, [f.name for f in s.sparse + s.dense])
             rows += len(table)
             for f in counted:
-                counts[f.name] = counts[f.name].add(_categories(table[f.name]).value_counts(), fill_value=0)
+                column = table[f.name]
+                if _plain_integers(column):  # count the integers, name them as strings after
+                    found = column.value_counts()
+                    found.index = found.index.astype(str)
+                else:
+                    found = _categories(column).value_counts()
+                counts[f.name] = counts[f.name].add(found, fill_value=0)
             for f in s.dense:
                 values = _numeric(table[f.name], f.name)
                 values = values[np.isfinite(values)]
@@ -103,6 +109,9 @@ class Encoder:
         n = len(table)
         sparse = np.zeros((n, len(s.sparse)), dtype=np.int64)
         for j, f in enumerate(s.sparse):
+            if not f.hash_buckets and _plain_integers(table[f.name]) and self._integer_index(f.name) is not None:
+                sparse[:, j] = self._integer_index(f.name).get_indexer(table[f.name].to_numpy()) + 1
+                continue
             values = _categories(table[f.name])
             if f.hash_buckets:
                 hashed = pd.util.hash_array(values.fillna("").to_numpy(dtype=object)) % np.uint64(f.hash_buckets)
@@ -142,6 +151,20 @@ class Encoder:
             self._indexes[name] = pd.Index(self.vocabularies[name], dtype="string")
         return self._indexes[name]
 
+    def _integer_index(self, name: str) -> pd.Index | None:
+        """The vocabulary as integers when every entry is an integer's canonical string
+        (a vocabulary fitted on an integer column), else None. Integer columns then skip the
+        conversion to strings: the same ids, much faster."""
+        key = ("int", name)
+        if key not in self._indexes:
+            try:
+                ints = np.array([int(v) for v in self.vocabularies[name]], dtype=np.int64)
+                exact = all(str(i) == v for i, v in zip(ints.tolist(), self.vocabularies[name]))
+            except (ValueError, OverflowError):
+                exact = False
+            self._indexes[key] = pd.Index(ints) if exact else None
+        return self._indexes[key]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": self.raw_schema.model_dump(),
@@ -162,6 +185,11 @@ def _require_columns(table: pd.DataFrame, names: list[str]) -> None:
     missing = [c for c in names if c not in table.columns]
     if missing:
         raise DataError(f"missing column(s) {missing}; the table has {list(table.columns)}")
+
+
+def _plain_integers(column: pd.Series) -> bool:
+    """A numpy integer column (no missing values possible), not bool."""
+    return pd.api.types.is_integer_dtype(column.dtype) and not pd.api.types.is_extension_array_dtype(column.dtype)
 
 
 def _categories(column: pd.Series) -> pd.Series:
