@@ -15,6 +15,7 @@ from mtlrec.config import Experiment
 from mtlrec.data import Encoder, make_synthetic
 from mtlrec.data.formats import FORMATS
 from mtlrec.data.streaming import ParquetStream, fit_streaming
+from mtlrec.losses import binary_mask
 from mtlrec.models.base import to_predictions
 from mtlrec.trained import TrainedModel
 from mtlrec.train.trainer import Trainer, evaluate_logits, world
@@ -91,7 +92,7 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, splits:
     test_metrics, test_rows = {}, None
     if test is not None:
         logits, targets = trainer.predict_split(test)
-        test_metrics = evaluate_logits(encoder.schema, logits, targets, trainer.eval_weights)
+        test_metrics = evaluate_logits(encoder.schema, logits, targets)
         test_rows = prediction_table(encoder.schema, logits, targets)
     trained.model.cpu()
     seconds = time.perf_counter() - start
@@ -107,8 +108,7 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, splits:
 
 def prediction_table(schema, logits: torch.Tensor, targets) -> pd.DataFrame:
     """Per task: the prediction, the label and whether the row is in the task's space."""
-    predictions = to_predictions(logits, torch.tensor([t.type == "binary" for t in schema.tasks],
-                                                      device=logits.device)).cpu().numpy()
+    predictions = to_predictions(logits, binary_mask(schema, logits.device)).cpu().numpy()
     labels, mask = targets.labels.cpu().numpy(), targets.mask.cpu().numpy()
     columns = {}
     for k, name in enumerate(schema.task_names):

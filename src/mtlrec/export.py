@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mtlrec.losses import binary_mask
 from mtlrec.models.base import to_predictions
 from mtlrec.trained import TrainedModel
 
@@ -30,7 +31,7 @@ class ScoringCore(nn.Module):
     def __init__(self, trained: TrainedModel):
         super().__init__()
         self.model = trained.model.eval()
-        self.register_buffer("binary", torch.tensor([t.type == "binary" for t in trained.schema.tasks]))
+        self.register_buffer("binary", binary_mask(trained.schema))
 
     def forward(self, ids: Tensor, dense: Tensor) -> Tensor:
         return to_predictions(self.model(ids, dense).logits, self.binary)

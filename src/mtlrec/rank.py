@@ -25,7 +25,7 @@ from mtlrec.train.metrics import auc
 EPS = 1e-12
 
 
-def task_weights(config: RankConfig, schema: Schema) -> dict[str, float]:
+def rank_weights(config: RankConfig, schema: Schema) -> dict[str, float]:
     return dict(config.weights) if config.weights else {t: 1.0 for t in schema.task_names}
 
 
@@ -41,7 +41,7 @@ def item_factor(values: np.ndarray, transform: str, power: float) -> np.ndarray:
 def fused_score(predictions: pd.DataFrame, table: pd.DataFrame, config: RankConfig, schema: Schema) -> np.ndarray:
     """prod_k p_k^w_k * f(item) for every row. predictions: one column per task."""
     log_score = np.zeros(len(predictions))
-    for task, w in task_weights(config, schema).items():
+    for task, w in rank_weights(config, schema).items():
         log_score += w * np.log(np.maximum(predictions[task].to_numpy(dtype=np.float64), EPS))
     if config.item is not None:
         if config.item.column not in table.columns:
@@ -103,7 +103,7 @@ def rank_table(trained, table: pd.DataFrame, group_by: str, top_k: int) -> tuple
             y = pd.to_numeric(table[task.column], errors="coerce").to_numpy()
             keep = ~np.isnan(y)
             metrics[f"gauc/{name}"] = gauc(y[keep], predictions[name].to_numpy()[keep], groups[keep])
-    relevance_weights = dict(config.relevance) or task_weights(config, schema)
+    relevance_weights = dict(config.relevance) or rank_weights(config, schema)
     if all(t in labelled for t in relevance_weights):
         relevance = sum(r * np.nan_to_num(pd.to_numeric(table[labelled[t].column], errors="coerce").to_numpy())
                         for t, r in relevance_weights.items())

@@ -18,6 +18,8 @@ from mtlrec import models
 from mtlrec.config import Experiment, validate_config
 from mtlrec.data.encoder import Encoder
 from mtlrec.data.tensors import TensorData
+from mtlrec.losses import binary_mask
+from mtlrec.models.base import to_predictions
 from mtlrec.train.trainer import evaluate_logits
 
 WEIGHTS, CONFIG, ENCODER = "model.safetensors", "config.yaml", "encoder.json"
@@ -55,16 +57,14 @@ class TrainedModel:
         """One column per task: probability (binary) or value (regression); rows as in `table`.
         Extra outputs follow as probabilities (ESMM: `cvr`)."""
         logits, extras = self.outputs(self.encoder.transform(table, labels=False), batch_size)
-        binary = torch.tensor([t.type == "binary" for t in self.schema.tasks])
-        columns = dict(zip(self.schema.task_names, models.base.to_predictions(logits, binary).T.numpy()))
+        columns = dict(zip(self.schema.task_names, to_predictions(logits, binary_mask(self.schema)).T.numpy()))
         columns |= {(f"{n}_extra" if n in columns else n): torch.sigmoid(v).numpy() for n, v in extras.items()}
         return pd.DataFrame(columns, index=table.index)
 
     def evaluate(self, table: pd.DataFrame) -> dict[str, float]:
         """Loss and per-task metrics on a labelled table."""
         data = self.encoder.transform(table)
-        weights = torch.tensor([t.weight for t in self.schema.tasks])
-        return evaluate_logits(self.schema, self.outputs(data)[0], data, weights)
+        return evaluate_logits(self.schema, self.outputs(data)[0], data)
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)

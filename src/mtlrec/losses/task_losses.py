@@ -6,6 +6,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtlrec.schema import Schema
+
+
+def binary_mask(schema: Schema, device: torch.device | str | None = None) -> Tensor:
+    """`[T]` bool: which tasks are binary (log loss, sigmoid) rather than regression."""
+    return torch.tensor([t.type == "binary" for t in schema.tasks], device=device)
+
+
+def task_weights(schema: Schema, device: torch.device | str | None = None) -> Tensor:
+    """`[T]` float32: the tasks' config weights."""
+    return torch.tensor([t.weight for t in schema.tasks], dtype=torch.float32, device=device)
+
 
 def task_losses(logits: Tensor, labels: Tensor, mask: Tensor, binary: Tensor) -> Tensor:
     """Loss of each task over its own sample space (PLE paper, Eq. 9).

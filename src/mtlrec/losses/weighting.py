@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtlrec.losses.task_losses import binary_mask, task_weights
 from mtlrec.schema import Schema
 
 
@@ -28,8 +29,8 @@ class Weighting(nn.Module):
     def __init__(self, schema: Schema):
         super().__init__()
         self.num_tasks = schema.num_tasks
-        self.register_buffer("base", torch.tensor([t.weight for t in schema.tasks], dtype=torch.float32))
-        self.register_buffer("binary", torch.tensor([t.type == "binary" for t in schema.tasks]))
+        self.register_buffer("base", task_weights(schema))
+        self.register_buffer("binary", binary_mask(schema))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("epochs", torch.zeros((), dtype=torch.long))
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mtlrec.losses.task_losses import binary_mask
 from mtlrec.nn import MLP, FeatureEmbedding
 from mtlrec.schema import Schema
 
@@ -75,9 +76,7 @@ class MultiTaskModel(nn.Module):
                 activation=backbone_options.get("activation", "relu"), dropout=tower_dropout)
             for _ in schema.tasks
         )
-        self.register_buffer(
-            "binary", torch.tensor([task.type == "binary" for task in schema.tasks]), persistent=False
-        )
+        self.register_buffer("binary", binary_mask(schema), persistent=False)
 
     def forward(self, sparse: Tensor, dense: Tensor) -> ModelOutput:
         reps, gates = self.backbone(self.embedding(sparse, dense))
@@ -114,9 +113,7 @@ class SingleTaskModels(nn.Module):
             MultiTaskModel(schema.model_copy(update={"tasks": [task]}), backbone, **options)
             for task in schema.tasks
         )
-        self.register_buffer(
-            "binary", torch.tensor([task.type == "binary" for task in schema.tasks]), persistent=False
-        )
+        self.register_buffer("binary", binary_mask(schema), persistent=False)
 
     def forward(self, sparse: Tensor, dense: Tensor) -> ModelOutput:
         logits = torch.cat([net(sparse, dense).logits for net in self.nets], dim=1)

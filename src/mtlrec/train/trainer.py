@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from mtlrec.config import TrainConfig
 from mtlrec.data.streaming import ParquetStream
 from mtlrec.data.tensors import TensorData
-from mtlrec.losses import create_weighting, task_losses
-from mtlrec.models.base import shared_parameters
+from mtlrec.losses import binary_mask, create_weighting, task_losses, task_weights
+from mtlrec.models.base import shared_parameters, to_predictions
 from mtlrec.schema import Schema
 from mtlrec.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mtlrec.train.metrics import higher_is_better, task_metrics
@@ -81,12 +81,12 @@ class Trainer:
         self.config = config
         self.seed = seed
         self.weighting = create_weighting(config.weighting, schema).to(self.device)
-        self.eval_weights = torch.tensor([t.weight for t in schema.tasks], device=self.device)
+        self.eval_weights = task_weights(schema, self.device)
         self.optimizers = build_optimizers({"": self.model, "weighting": self.weighting}, config)
         self.shared = shared_parameters(self.model, schema.num_tasks)
         self.task_params = [self.model.task_parameters(k) for k in range(schema.num_tasks)]
         self.schedule = TaskSchedule(config.alternating.order, schema.num_tasks, config.alternating.ratios, seed)
-        self.binary = torch.tensor([t.type == "binary" for t in schema.tasks], device=self.device)
+        self.binary = binary_mask(schema, self.device)
         self.log_path = Path(log_path) if log_path and self.rank == 0 else None
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -316,7 +316,7 @@ class Trainer:
     def evaluate(self, data: TensorData | ParquetStream) -> dict[str, float]:
         """Weighted loss, per-task losses and metrics over the whole split."""
         logits, targets = self.predict_split(data)
-        return evaluate_logits(self.schema, logits, targets, self.eval_weights)
+        return evaluate_logits(self.schema, logits, targets)
 
     def _log(self, row: dict[str, float]) -> None:
         self.history.append(row)
@@ -329,12 +329,13 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
 
 
-def evaluate_logits(schema: Schema, logits: Tensor, data: TensorData, weights: Tensor) -> dict[str, float]:
-    binary = torch.tensor([t.type == "binary" for t in schema.tasks], device=logits.device)
+def evaluate_logits(schema: Schema, logits: Tensor, data: TensorData) -> dict[str, float]:
+    """The config-weighted loss, each task's loss and its metrics, from a split's logits `[N, T]`."""
+    binary = binary_mask(schema, logits.device)
     losses = task_losses(logits, data.labels, data.mask, binary)
-    out = {"loss": float((weights * losses).sum())}
+    out = {"loss": float((task_weights(schema, logits.device) * losses).sum())}
     out |= {f"loss/{name}": float(v) for name, v in zip(schema.task_names, losses)}
-    predictions = torch.where(binary, torch.sigmoid(logits), logits)
+    predictions = to_predictions(logits, binary)
     out |= task_metrics(schema, *(t.cpu().numpy() for t in (predictions, data.labels, data.mask)))
     return out
 
@@ -342,11 +343,9 @@ def evaluate_logits(schema: Schema, logits: Tensor, data: TensorData, weights: T
 def constant_baseline(schema: Schema, train: TensorData, data: TensorData) -> dict[str, float]:
     """Metrics of predicting each task's training mean for every row (what a model must beat)."""
     mean = (train.labels * train.mask).sum(0) / train.mask.sum(0).clamp(min=1)
-    binary = torch.tensor([t.type == "binary" for t in schema.tasks])
     p = mean.clamp(1e-6, 1 - 1e-6)
-    logits = torch.where(binary, torch.log(p / (1 - p)), mean).expand(len(data), -1)
-    weights = torch.tensor([t.weight for t in schema.tasks])
-    return evaluate_logits(schema, logits, data.to("cpu"), weights)
+    logits = torch.where(binary_mask(schema), torch.log(p / (1 - p)), mean).expand(len(data), -1)
+    return evaluate_logits(schema, logits, data.to("cpu"))
 
 
 __all__ = ["NonFiniteLoss", "Trainer", "constant_baseline", "evaluate_logits", "resolve_device", "world"]
