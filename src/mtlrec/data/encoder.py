@@ -109,10 +109,12 @@ class Encoder:
         n = len(table)
         sparse = np.zeros((n, len(s.sparse)), dtype=np.int64)
         for j, f in enumerate(s.sparse):
-            if not f.hash_buckets and _plain_integers(table[f.name]) and self._integer_index(f.name) is not None:
-                sparse[:, j] = self._integer_index(f.name).get_indexer(table[f.name].to_numpy()) + 1
+            column = table[f.name]
+            integers = self._integer_index(f.name) if not f.hash_buckets and _plain_integers(column) else None
+            if integers is not None:
+                sparse[:, j] = integers.get_indexer(column.to_numpy()) + 1
                 continue
-            values = _categories(table[f.name])
+            values = _categories(column)
             if f.hash_buckets:
                 hashed = pd.util.hash_array(values.fillna("").to_numpy(dtype=object)) % np.uint64(f.hash_buckets)
                 sparse[:, j] = np.where(values.isna().to_numpy(), 0, hashed.astype(np.int64) + 1)

@@ -75,7 +75,7 @@ class ParquetStream:
         limit = self.shuffle_buffer if generator is not None else batch_size
         for table in self.tables(generator, self.encoder.columns(self.labels)):
             chunk = self.encoder.transform(table, labels=self.labels)
-            buffer = chunk if buffer is None else _concat(buffer, chunk)
+            buffer = chunk if buffer is None else buffer.concat(chunk)
             if len(buffer) >= limit:
                 buffer = _shuffle(buffer, generator)
                 whole = len(buffer) // batch_size * batch_size
@@ -89,11 +89,6 @@ class ParquetStream:
 def fit_streaming(encoder: Encoder, stream: ParquetStream) -> Encoder:
     """Fit the encoder in one pass over the stream's chunks."""
     return encoder.fit_chunks(stream.tables(columns=encoder.columns(labels=False)))
-
-
-def _concat(a: TensorData, b: TensorData) -> TensorData:
-    return TensorData(*(torch.cat([x, y]) for x, y in zip((a.sparse, a.dense, a.labels, a.mask),
-                                                          (b.sparse, b.dense, b.labels, b.mask))))
 
 
 def _shuffle(data: TensorData, generator: torch.Generator | None) -> TensorData:

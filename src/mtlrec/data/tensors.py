@@ -29,6 +29,10 @@ class TensorData:
     def to(self, device: torch.device | str) -> TensorData:
         return self._map(lambda t: t.to(device, non_blocking=True))
 
+    def concat(self, other: TensorData) -> TensorData:
+        """These rows followed by `other`'s."""
+        return TensorData(**{f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)})
+
     def take(self, index: Tensor) -> TensorData:
         return self._map(lambda t: t.index_select(0, index))
 
