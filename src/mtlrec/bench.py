@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mtlrec.config import Experiment, validate_config
-from mtlrec.experiment import load_splits, run_experiment
+from mtlrec.experiment import encode_splits, run_experiment
 from mtlrec.train.metrics import higher_is_better
 
 BASELINE = "single_task"
@@ -32,12 +32,12 @@ def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: P
     """Train every model for seeds config.seed .. config.seed + seeds - 1; returns the summary."""
     runs = []
     for seed in range(config.seed, config.seed + seeds):
-        splits = load_splits(config.with_model(config.model.name, seed))  # one data draw per seed
+        encoded = encode_splits(config.with_model(config.model.name, seed))  # one split and encoding per seed
         for name in model_names:
             cfg = config.with_model(name, seed)
             cfg.train.progress = False  # one line per run below instead of one per epoch
             folder = out_dir / name / f"seed{seed}" if out_dir else None
-            result = run_experiment(cfg, folder, splits=splits)
+            result = run_experiment(cfg, folder, encoded=encoded)
             metrics = result.test_metrics or {k.removeprefix("valid/"): v for k, v in result.history[-1].items()}
             shown = "  ".join(f"{m} {metrics[m]:.4f}" for m in _primary(config))
             log(f"{name:>14} seed {seed}: {len(result.history)} epochs, {result.seconds:.1f} s, {shown}")

@@ -6,6 +6,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,7 @@ from mtlrec.config import Experiment
 from mtlrec.data import Encoder, make_synthetic
 from mtlrec.data.formats import FORMATS
 from mtlrec.data.streaming import ParquetStream, fit_streaming
+from mtlrec.data.tensors import TensorData
 from mtlrec.losses import binary_mask
 from mtlrec.models.base import to_predictions
 from mtlrec.trained import TrainedModel
@@ -67,7 +69,7 @@ def load_splits(config: Experiment) -> Splits:
                   None if test is None else test.reset_index(drop=True))
 
 
-def run_experiment(config: Experiment, folder: str | Path | None = None, splits: Splits | None = None,
+def run_experiment(config: Experiment, folder: str | Path | None = None, encoded: Encoded | None = None,
                    resume: bool = False) -> RunResult:
     """Train `config`'s model; save it (with its epoch log and test metrics) to `folder` if given.
 
@@ -75,7 +77,7 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, splits:
     the run whose checkpoint is there. Under torch.distributed only rank 0 writes."""
     start = time.perf_counter()
     rank = world()[0]
-    encoder, train, valid, test = encode_splits(config, splits)
+    encoder, train, valid, test = encoded or encode_splits(config)
     torch.manual_seed(config.seed)
     trained = TrainedModel.build(config, encoder)
     log_path = None
@@ -116,9 +118,19 @@ def prediction_table(schema, logits: torch.Tensor, targets) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def encode_splits(config: Experiment, splits: Splits | None = None):
-    """(fitted encoder, train, valid, test): in-memory tensors, or Parquet streams with
-    `data.streaming` (the encoder then fitted in one pass over the training files)."""
+class Encoded(NamedTuple):
+    """A fitted encoder and the splits it encoded: in-memory tensors or Parquet streams."""
+
+    encoder: Encoder
+    train: TensorData | ParquetStream
+    valid: TensorData | ParquetStream
+    test: TensorData | ParquetStream | None
+
+
+def encode_splits(config: Experiment) -> Encoded:
+    """The config's splits, encoded: in-memory tensors, or Parquet streams with
+    `data.streaming` (the encoder then fitted in one pass over the training files). Models
+    that share the data (a bench) can share this: training does not change it."""
     data = config.data
     if data.streaming:
         shard = world()  # under torch.distributed each rank reads its share of the files
@@ -127,8 +139,8 @@ def encode_splits(config: Experiment, splits: Splits | None = None):
         train = ParquetStream(data.train, encoder, data.chunk_rows, data.shuffle_buffer, shard=shard)
         valid, test = (ParquetStream(p, encoder, data.chunk_rows, shard=shard) if p else None
                        for p in (data.valid, data.test))
-        return encoder, train, valid, test
-    splits = splits or load_splits(config)
+        return Encoded(encoder, train, valid, test)
+    splits = load_splits(config)
     encoder = Encoder(config.schema).fit(splits.train)
     test = encoder.transform(splits.test) if splits.test is not None else None
-    return encoder, encoder.transform(splits.train), encoder.transform(splits.valid), test
+    return Encoded(encoder, encoder.transform(splits.train), encoder.transform(splits.valid), test)
