@@ -81,8 +81,9 @@ def run_mtlrec(model_name, x, y, xt, yt, vocab, precision="fp32"):
                     dense=[{"name": f"d{i}"} for i in range(DENSE)], tasks=[{"name": "t0"}, {"name": "t1"}])
     options = ({"num_levels": PLE["levels"], "task_experts": PLE["specific"], "shared_experts": PLE["shared"]}
                if model_name == "ple" else {"num_experts": MMOE["experts_n"]})
-    train_table = pd.DataFrame(x | {"t0": y[:, 0], "t1": y[:, 1]})
-    test_table = pd.DataFrame(xt | {"t0": yt[:, 0], "t1": yt[:, 1]})
+    # the same arrays the peers get, as table columns without a copy
+    train_table = pd.DataFrame(x | {"t0": y[:, 0], "t1": y[:, 1]}, copy=False)
+    test_table = pd.DataFrame(xt | {"t0": yt[:, 0], "t1": yt[:, 1]}, copy=False)
     start = time.perf_counter()
     encoder = Encoder(schema).fit(train_table)
     train = encoder.transform(train_table)

@@ -9,8 +9,9 @@ from mtlrec.nn.experts import expert_batch_norm
 from mtlrec.schema import Schema
 
 
-def loop_bank(bank: ExpertBank, inputs, groups, activate_last=True):
-    """One expert at a time: the plain computation the fused bank replaces."""
+def loop_bank(bank: ExpertBank, inputs, groups, activate_last=True, eval_norm=False):
+    """One expert at a time: the plain computation the fused bank replaces. With `eval_norm`,
+    each hidden layer's batch norm is applied from its running statistics."""
     outs = []
     for e in range(bank.num_experts):
         h = inputs[groups[e]]
@@ -18,6 +19,9 @@ def loop_bank(bank: ExpertBank, inputs, groups, activate_last=True):
         for i, (w, b) in enumerate(layers):
             h = h @ w + b
             if i < len(layers) - 1 or activate_last:
+                if eval_norm:
+                    n, units = bank.norms[i], slice(e * h.shape[1], (e + 1) * h.shape[1])
+                    h = (h - n.running_mean[units]) / torch.sqrt(n.running_var[units] + n.eps) * n.weight[units] + n.bias[units]
                 h = torch.relu(h)
         outs.append(h)
     return torch.stack(outs, dim=1)
@@ -62,6 +66,37 @@ def test_expert_batch_norm_equals_batchnorm1d_on_the_transposed_view():
         torch.testing.assert_close(norm.running_mean, reference.running_mean)
         torch.testing.assert_close(norm.running_var, reference.running_var)
     assert norm.num_batches_tracked == reference.num_batches_tracked == 2
+
+
+@pytest.mark.parametrize("groups", [None, [0, 1, 1]])
+def test_evaluation_folds_batch_norm_into_the_layers(groups):
+    torch.manual_seed(0)
+    bank = ExpertBank(4, 3, [6, 5], batch_norm=True, groups=groups)
+    with torch.no_grad():
+        for norm in bank.norms:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.2, 3)
+    inputs = torch.randn(2, 9, 4)
+    bank.eval()
+    got = bank(inputs[0] if groups is None else inputs)
+    torch.testing.assert_close(got, loop_bank(bank, inputs, groups or [0] * 3, eval_norm=True), atol=1e-5, rtol=1e-5)
+    assert bank.weights[0].grad is None  # folding builds new tensors; the parameters are untouched
+
+
+def test_in_place_relu_keeps_gradients_exact():
+    torch.manual_seed(0)
+    bank = ExpertBank(4, 3, [6, 5], batch_norm=True).train()
+    x = torch.randn(16, 4)
+    bank(x).square().sum().backward()
+    got = [p.grad.clone() for p in bank.parameters()]
+    bank.zero_grad()
+    for act in bank.activations:
+        act.inplace = False
+    bank(x).square().sum().backward()
+    for g, p in zip(got, bank.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=0)
 
 
 def test_bank_rejects_too_few_input_groups():

@@ -41,12 +41,15 @@ class TensorData:
         return self._map(lambda t: t[start:stop])
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[TensorData]:
-        """Consecutive batches (views); with a generator, of a fresh permutation of the rows."""
-        data = self
-        if generator is not None:
-            data = self.take(torch.randperm(len(self), generator=generator).to(self.labels.device))
-        for start in range(0, len(data), batch_size):
-            yield data.rows(start, start + batch_size)
+        """Consecutive batches (views); with a generator, of a fresh permutation of the rows,
+        each batch gathered on its own (no shuffled copy of the whole data)."""
+        if generator is None:
+            for start in range(0, len(self), batch_size):
+                yield self.rows(start, start + batch_size)
+            return
+        order = torch.randperm(len(self), generator=generator).to(self.labels.device)
+        for start in range(0, len(self), batch_size):
+            yield self.take(order[start : start + batch_size])
 
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)

@@ -41,7 +41,8 @@ class FeatureEmbedding(nn.Module):
         for i, table in enumerate(self.tables):
             columns = getattr(self, f"columns_{i}")
             ids = sparse.index_select(1, columns) + getattr(self, f"offsets_{i}")
-            parts.append(table(ids).flatten(1))
+            # index_select is table(ids) with a backward (index_add) over twice as fast on CPU
+            parts.append(table.weight.index_select(0, ids.reshape(-1)).view(ids.shape[0], -1))
         if self.num_dense:
             parts.append(dense)
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]

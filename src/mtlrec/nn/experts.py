@@ -67,7 +67,7 @@ class ExpertBank(nn.Module):
         self.out_dim = hidden[-1]
 
     def forward(self, x: Tensor) -> Tensor:
-        w0, b0 = self.weights[0], self.biases[0]
+        w0, b0 = self._layer(0)
         if x.dim() == 3 and x.shape[0] == 1:
             x = x[0]
         if x.dim() == 2:  # one input for all experts: one wide matmul
@@ -80,16 +80,29 @@ class ExpertBank(nn.Module):
             out = torch.baddbmm(b0.unsqueeze(1), x.index_select(0, self.groups), w0)
         for layer in range(len(self.weights)):
             if layer > 0:
-                out = torch.baddbmm(self.biases[layer].unsqueeze(1), out, self.weights[layer])
+                w, b = self._layer(layer)
+                out = torch.baddbmm(b.unsqueeze(1), out, w)
             out = self._activate(out, layer)
         return out.transpose(0, 1)  # [B, E, H]
+
+    def _layer(self, layer: int) -> tuple[Tensor, Tensor]:
+        """(weight `[E, in, out]`, bias `[E, out]`) of a layer; in evaluation a batch norm that
+        follows it is folded in (its running statistics make it an affine map per unit)."""
+        w, b = self.weights[layer], self.biases[layer]
+        norm = self.norms[layer]
+        if self.training or not isinstance(norm, nn.BatchNorm1d) or norm.running_var is None:
+            return w, b
+        e, _, h = w.shape
+        scale = (norm.weight * torch.rsqrt(norm.running_var + norm.eps)).view(e, h)
+        shift = norm.bias.view(e, h) - norm.running_mean.view(e, h) * scale
+        return w * scale.unsqueeze(1), b * scale + shift
 
     def _activate(self, out: Tensor, layer: int) -> Tensor:
         if not self.active[layer]:
             return out
         norm = self.norms[layer]
-        if isinstance(norm, nn.BatchNorm1d):
-            out = expert_batch_norm(out, norm)
+        if isinstance(norm, nn.BatchNorm1d) and (norm.training or norm.running_var is None):
+            out = expert_batch_norm(out, norm)  # in evaluation it is folded into the layer
         return self.dropout(self.activations[layer](out))
 
     def expert_layers(self, expert: int) -> list[tuple[Tensor, Tensor]]:
@@ -98,16 +111,8 @@ class ExpertBank(nn.Module):
 
 
 def expert_batch_norm(out: Tensor, norm: nn.BatchNorm1d) -> Tensor:
-    """Batch norm per expert and unit of `[E, B, h]`: what `norm` (a BatchNorm1d over E*h
-    features) does to the `[B, E*h]` view.
-
-    Training runs torch's kernel on that view (two transposed copies; a hand-written
-    version with autograd was slower); evaluation applies the running statistics as one
-    affine map on `[E, B, h]` as it lies, with no copy.
-    """
+    """Batch norm (batch statistics) per expert and unit of `[E, B, h]`: what `norm`, a
+    BatchNorm1d over E*h features, does to the `[B, E*h]` view. Runs torch's kernel on that
+    view (a transposed copy each way; a hand-written version with autograd was slower)."""
     e, b, h = out.shape
-    if norm.training:
-        return norm(out.transpose(0, 1).reshape(b, e * h)).view(b, e, h).transpose(0, 1)
-    scale = (norm.weight * torch.rsqrt(norm.running_var + norm.eps)).view(e, 1, h)
-    shift = norm.bias.view(e, 1, h) - norm.running_mean.view(e, 1, h) * scale
-    return torch.addcmul(shift.to(out.dtype), out, scale.to(out.dtype))  # stays bf16 under autocast
+    return norm(out.transpose(0, 1).reshape(b, e * h)).view(b, e, h).transpose(0, 1)

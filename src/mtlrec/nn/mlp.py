@@ -6,10 +6,12 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
 def activation_layer(name: str) -> nn.Module:
+    """The activation `name`; ReLU works in place (it always follows a Linear, a batched
+    product or a batch norm, none of which keeps its output for the backward pass)."""
     try:
         return ACTIVATIONS[name]()
     except KeyError:
