@@ -1,11 +1,8 @@
-import copy
-
 import pytest
 import torch
 from torch import nn
 
 from mtlrec.nn import ExpertBank, FeatureEmbedding
-from mtlrec.nn.experts import expert_batch_norm
 from mtlrec.schema import Schema
 
 
@@ -40,32 +37,30 @@ def test_fused_bank_equals_per_expert_loop(groups, activate_last):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
-def test_fused_batch_norm_normalises_each_expert_unit():
+@pytest.mark.parametrize("groups", [None, [0, 1, 1]])
+def test_training_batch_norm_normalises_each_expert_unit(groups):
     torch.manual_seed(0)
-    bank = ExpertBank(4, 3, [6], batch_norm=True, activation="tanh").train()
-    x = torch.randn(32, 4)
-    pre = torch.stack([x @ w + b for w, b in (bank.expert_layers(e)[0] for e in range(3))], 1)  # [B, E, h]
-    expected = torch.tanh((pre - pre.mean(0)) / torch.sqrt(pre.var(0, unbiased=False) + 1e-5))
-    torch.testing.assert_close(bank(x), expected, atol=1e-5, rtol=0)
-
-
-def test_expert_batch_norm_equals_batchnorm1d_on_the_transposed_view():
-    torch.manual_seed(0)
-    bank = ExpertBank(4, 3, [6, 5], batch_norm=True)
-    norm = bank.norms[0]
+    bank = ExpertBank(4, 3, [6, 5], batch_norm=True, activation="tanh", groups=groups).train()
     with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-0.5, 0.5)
-    reference = copy.deepcopy(norm)
-    pre = torch.randn(3, 17, 6) * 2 + 1  # [E, B, h]
-    as_reference = lambda n: n(pre.transpose(0, 1).reshape(17, 18)).view(17, 3, 6).transpose(0, 1)
-    for training in (True, True, False):
-        norm.train(training)
-        reference.train(training)
-        torch.testing.assert_close(expert_batch_norm(pre, norm), as_reference(reference), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(norm.running_mean, reference.running_mean)
-        torch.testing.assert_close(norm.running_var, reference.running_var)
-    assert norm.num_batches_tracked == reference.num_batches_tracked == 2
+        for norm in bank.norms:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    inputs = torch.randn(2, 32, 4)
+
+    def normalise(h, layer, e):  # batch statistics of one expert's units
+        n, units = bank.norms[layer], slice(e * h.shape[1], (e + 1) * h.shape[1])
+        z = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + n.eps)
+        return torch.tanh(z * n.weight[units] + n.bias[units])
+
+    expected = []
+    for e in range(3):
+        h = inputs[(groups or [0] * 3)[e]]
+        for layer, (w, b) in enumerate(bank.expert_layers(e)):
+            h = normalise(h @ w + b, layer, e)
+        expected.append(h)
+    got = bank(inputs[0] if groups is None else inputs)
+    torch.testing.assert_close(got, torch.stack(expected, 1), atol=1e-5, rtol=0)
+    assert all(n.num_batches_tracked == 1 for n in bank.norms)
 
 
 @pytest.mark.parametrize("groups", [None, [0, 1, 1]])

@@ -47,3 +47,36 @@ def test_compiled_model_equals_eager():
     ids = torch.zeros(33, 0, dtype=torch.long)
     compiled = torch.compile(model)
     torch.testing.assert_close(compiled(ids, x).logits, model(ids, x).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,options", [("ple", {"num_levels": 2, "task_experts": [2, 1, 0], "shared_experts": 2}),
+                                          ("mmoe", {"num_experts": 3}),
+                                          ("adatt", {"task_experts": [1, 2, 1], "shared_experts": 1})])
+def test_fused_first_level_gates_equal_the_gates_one_by_one(name, options):
+    schema = dense_schema(6, tasks=("a", "b", "c"))
+    torch.manual_seed(0)
+    model = models.create(name, schema, expert_hidden=[8], tower_hidden=[4], **options)
+    levels = [m for m in model.modules() if hasattr(m, "fused_gates")]
+    assert levels[0].fused_gates and not any(level.fused_gates for level in levels[1:])
+    x, ids = torch.randn(17, 6), torch.zeros(17, 0, dtype=torch.long)
+    results = []
+    for fused in (True, False):
+        levels[0].fused_gates = fused
+        model.zero_grad()
+        out = model(ids, x)
+        out.logits.square().sum().backward()
+        results.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (fused, fused_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fused.logits, plain.logits, atol=1e-6, rtol=1e-6)
+    assert fused.gates.keys() == plain.gates.keys()
+    for name in plain.gates:
+        torch.testing.assert_close(fused.gates[name], plain.gates[name], atol=1e-6, rtol=1e-6)
+    assert len(fused_grads) == len(plain_grads)
+    for g, h in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-6)
+
+
+def test_gates_with_hidden_layers_are_not_fused():
+    schema = dense_schema(6)
+    model = models.create("mmoe", schema, expert_hidden=[8], gate_hidden=[4])
+    assert not model.backbone.level.fused_gates

@@ -95,6 +95,9 @@ class ExtractionLevel(nn.Module):
         self.num_experts = num_experts
         self.shared_gate = shared_gate
         self.out_dim = self.experts.out_dim
+        # linear gates that read one input (the first level) run as one matmul
+        self.fused_gates = first and not gate_hidden
+        self.gate_sizes = [len(c) for c in columns]
 
     def task_modules(self, task: int) -> list[nn.Module]:
         return [self.gates[task]]
@@ -104,11 +107,16 @@ class ExtractionLevel(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
         experts = self.experts(x)  # [B, E, H]
-        weights = [gate(x if self.first else x[g]) for g, gate in enumerate(self.gates)]
         b, n_gates = experts.shape[0], len(self.gates)
-        flat = torch.cat(weights, dim=1)  # in the gates' dtype (float32 under CUDA autocast)
-        mix = flat.new_zeros(b, n_gates * self.num_experts)
-        mix = mix.index_copy(1, self.mix_index, flat).view(b, n_gates, self.num_experts)
+        if self.fused_gates:
+            mix = self._fused_gate_mix(x)
+            flat = mix.view(b, -1).index_select(1, self.mix_index)
+            weights = list(flat.split(self.gate_sizes, dim=1))
+        else:
+            weights = [gate(x if self.first else x[g]) for g, gate in enumerate(self.gates)]
+            flat = torch.cat(weights, dim=1)  # in the gates' dtype (float32 under CUDA autocast)
+            mix = flat.new_zeros(b, n_gates * self.num_experts)
+            mix = mix.index_copy(1, self.mix_index, flat).view(b, n_gates, self.num_experts)
         if self.native is not None:
             native = torch.cat(list(self.native)).to(flat.dtype)
             v = flat.new_zeros(n_gates * self.num_experts).index_copy(0, self.native_index, native)
@@ -116,6 +124,19 @@ class ExtractionLevel(nn.Module):
         mixed = torch.bmm(mix.to(experts.dtype), experts)  # [B, gates, H]
         shared = mixed[:, self.num_tasks] if self.shared_gate else None
         return mixed[:, : self.num_tasks], shared, dict(zip(self.gate_names, weights))
+
+
+    def _fused_gate_mix(self, x: Tensor) -> Tensor:
+        """Every linear gate from one matmul over x `[B, I]`: the logits land in a `[B, gates, E]`
+        matrix holding -inf for the experts a gate does not mix, so one softmax over its last
+        axis gives each gate's weights and zeros elsewhere. Equal to running the gates one by one."""
+        linears = [gate.net[0] for gate in self.gates]
+        weight = torch.cat([lin.weight for lin in linears])  # [sum of gate sizes, I]
+        bias = torch.cat([lin.bias for lin in linears])
+        logits = torch.addmm(bias, x, weight.t())
+        masked = logits.new_full((x.shape[0], len(self.gates) * self.num_experts), float("-inf"))
+        masked = masked.index_copy(1, self.mix_index, logits).view(x.shape[0], len(self.gates), -1)
+        return torch.softmax(masked, dim=-1)
 
 
 class PLE(Backbone):

@@ -67,22 +67,19 @@ class ExpertBank(nn.Module):
         self.out_dim = hidden[-1]
 
     def forward(self, x: Tensor) -> Tensor:
-        w0, b0 = self._layer(0)
         if x.dim() == 3 and x.shape[0] == 1:
             x = x[0]
-        if x.dim() == 2:  # one input for all experts: one wide matmul
-            e, i, h = w0.shape
-            out = torch.addmm(b0.reshape(-1), x, w0.transpose(0, 1).reshape(i, e * h))
-            out = out.view(x.shape[0], e, h).transpose(0, 1)  # [E, B, h]
-        else:
-            if x.shape[0] < self.num_groups:
-                raise ValueError(f"expected at least {self.num_groups} input groups, got {x.shape[0]}")
-            out = torch.baddbmm(b0.unsqueeze(1), x.index_select(0, self.groups), w0)
+        if x.dim() == 3 and x.shape[0] < self.num_groups:
+            raise ValueError(f"expected at least {self.num_groups} input groups, got {x.shape[0]}")
         for layer in range(len(self.weights)):
-            if layer > 0:
-                w, b = self._layer(layer)
-                out = torch.baddbmm(b.unsqueeze(1), out, w)
-            out = self._activate(out, layer)
+            w, b = self._layer(layer)
+            e, i, h = w.shape
+            if layer == 0 and x.dim() == 2:  # one input for all experts: one wide matmul
+                wide = torch.addmm(b.reshape(-1), x, w.transpose(0, 1).reshape(i, e * h))  # [B, E*h]
+                out = self._activate_wide(wide, layer).view(wide.shape[0], e, h).transpose(0, 1)
+            else:
+                inputs = x.index_select(0, self.groups) if layer == 0 else out
+                out = self._activate(torch.baddbmm(b.unsqueeze(1), inputs, w), layer)  # [E, B, h]
         return out.transpose(0, 1)  # [B, E, H]
 
     def _layer(self, layer: int) -> tuple[Tensor, Tensor]:
@@ -90,7 +87,7 @@ class ExpertBank(nn.Module):
         follows it is folded in (its running statistics make it an affine map per unit)."""
         w, b = self.weights[layer], self.biases[layer]
         norm = self.norms[layer]
-        if self.training or not isinstance(norm, nn.BatchNorm1d) or norm.running_var is None:
+        if not isinstance(norm, nn.BatchNorm1d) or self._normalises(layer):
             return w, b
         e, _, h = w.shape
         scale = (norm.weight * torch.rsqrt(norm.running_var + norm.eps)).view(e, h)
@@ -98,21 +95,28 @@ class ExpertBank(nn.Module):
         return w * scale.unsqueeze(1), b * scale + shift
 
     def _activate(self, out: Tensor, layer: int) -> Tensor:
+        """Batch norm, activation, dropout of `[E, B, h]` (a fresh tensor); `[E, B, h]` out."""
+        if not self._normalises(layer):
+            return self.dropout(self.activations[layer](out)) if self.active[layer] else out
+        e, b, h = out.shape
+        wide = self._activate_wide(out.transpose(0, 1).reshape(b, e * h), layer)  # one copy
+        return wide.view(b, e, h).transpose(0, 1)
+
+    def _activate_wide(self, wide: Tensor, layer: int) -> Tensor:
+        """The same on the `[B, E*h]` layout, where batch norm is BatchNorm1d over E*h units.
+        The tensor is fresh (never a view), so an in-place ReLU costs autograd nothing."""
         if not self.active[layer]:
-            return out
+            return wide
+        if self._normalises(layer):
+            wide = self.norms[layer](wide)
+        return self.dropout(self.activations[layer](wide))
+
+    def _normalises(self, layer: int) -> bool:
+        """Whether this layer's batch norm runs as such (in evaluation it is folded instead)."""
         norm = self.norms[layer]
-        if isinstance(norm, nn.BatchNorm1d) and (norm.training or norm.running_var is None):
-            out = expert_batch_norm(out, norm)  # in evaluation it is folded into the layer
-        return self.dropout(self.activations[layer](out))
+        return isinstance(norm, nn.BatchNorm1d) and (norm.training or norm.running_var is None)
 
     def expert_layers(self, expert: int) -> list[tuple[Tensor, Tensor]]:
         """(weight `[in, out]`, bias `[out]`) of each layer of one expert, for inspection."""
         return [(w[expert], b[expert]) for w, b in zip(self.weights, self.biases)]
 
-
-def expert_batch_norm(out: Tensor, norm: nn.BatchNorm1d) -> Tensor:
-    """Batch norm (batch statistics) per expert and unit of `[E, B, h]`: what `norm`, a
-    BatchNorm1d over E*h features, does to the `[B, E*h]` view. Runs torch's kernel on that
-    view (a transposed copy each way; a hand-written version with autograd was slower)."""
-    e, b, h = out.shape
-    return norm(out.transpose(0, 1).reshape(b, e * h)).view(b, e, h).transpose(0, 1)
