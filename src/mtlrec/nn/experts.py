@@ -17,10 +17,13 @@ class ExpertBank(nn.Module):
     Layer l of every expert is stored stacked: weight `[E, in_l, out_l]`, bias `[E, out_l]`.
     When all experts read one input, the first layer is a single `[B, I] x [I, E*h]` product;
     later layers (and first layers over several inputs) are one batched product over E.
+    Batch norm (Linear -> BatchNorm -> activation, per expert and unit) runs as BatchNorm1d
+    over the `[B, E*h]` layout in training; in evaluation it is folded into the layer's
+    weight and bias, so it costs nothing.
 
     Experts may read different inputs: `groups[e]` names the input group expert e reads
     (PLE levels above the first: one group per task plus one for the shared experts;
-    towers: one group per task).
+    Cross-Stitch layers above the first: one group per task column).
 
     Input: `[B, I]` (one group) or `[G, B, I]`. Output: `[B, E, H]`, H = hidden[-1].
     With `activate_last=False` the last layer has no activation (towers ending in a logit).
