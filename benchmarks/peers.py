@@ -222,11 +222,29 @@ def main() -> None:
         print(f"\n{model_name}:")
         print(f"{'library':>14} {'train rows/s':>13} {'predict rows/s':>15} {'peak MB':>8} {'AUC t0':>7} {'AUC t1':>7}"
               f" {'train GFLOP/s':>14} {'% ceiling':>10}")
+        medians = {}
         for library in libraries:
             med = {k: statistics.median(r[k] for r in results[(model_name, library)]) for k in results[(model_name, library)][0]}
+            medians[library] = med
             print(f"{library:>14} {med['train_rows_s']:>13,.0f} {med['predict_rows_s']:>15,.0f} {med['peak_mb']:>8.0f}"
                   f" {med['auc0']:>7.4f} {med['auc1']:>7.4f} {med['train_gflops']:>14.1f} {100 * med['train_gflops'] / ceiling:>9.0f}%",
                   flush=True)
+        print_bound(medians, ceiling)
+
+
+def print_bound(medians: dict[str, dict], ceiling: float) -> None:
+    """The most any library could reach in fp32: the model's FLOPs per row run at the matmul
+    ceiling, with no time for anything else; and that bound over the faster peer."""
+    peers = [m for name, m in medians.items() if not name.startswith("mtlrec")]
+    mine = medians.get("mtlrec")
+    if not peers or mine is None:
+        return
+    for kind in ("train", "predict"):
+        flops_per_row = mine[f"{kind}_gflops"] * 1e9 / mine[f"{kind}_rows_s"]
+        bound = ceiling * 1e9 / flops_per_row
+        best = max(m[f"{kind}_rows_s"] for m in peers)
+        print(f"{'':>14} {kind}: {flops_per_row / 1e6:.2f} MFLOP/row; at the fp32 ceiling at most {bound:,.0f} rows/s "
+              f"= {bound / best:.2f}x the faster peer (mtlrec fp32: {mine[f'{kind}_rows_s'] / best:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-norm", action="store_true")
+    parser.add_argument("--warmup", action="store_true",
+                        help="train and predict on 2,048 rows first, untimed (compile: its compilation happens there)")
     parser.add_argument("--variants", default="default",
                         help="comma-separated: default, fused-adam, bf16, compile")
     args = parser.parse_args()
@@ -60,7 +62,8 @@ VARIANTS = {"default": {}, "fused-adam": {"fused_optimizer": True}, "bf16": {"pr
 
 def run(args, variant: str) -> None:
     schema, data = workload(args.rows)
-    print(f"device {args.device}, threads {args.threads or torch.get_num_threads()}, rows {args.rows}, {variant}")
+    print(f"device {args.device}, threads {args.threads or torch.get_num_threads()}, rows {args.rows}, {variant}"
+          + (", after a warm-up" if args.warmup else ""))
     for name, options in MODELS.items():
         config = TrainConfig(epochs=1, batch_size=1024, lr=1e-3, device=args.device, threads=args.threads,
                              progress=False, **VARIANTS[variant])
@@ -69,6 +72,9 @@ def run(args, variant: str) -> None:
             torch.manual_seed(r)
             model = models.create(name, schema, batch_norm=args.batch_norm, **options)
             trainer = Trainer(model, schema, config, seed=r)
+            if args.warmup:
+                trainer.fit(data.rows(0, 2048))
+                trainer.predict_split(data.rows(0, 2048))
             _sync(args.device)
             start = time.perf_counter()
             trainer.fit(data)

@@ -25,7 +25,8 @@ class ExtractionLevel(nn.Module):
 
     Experts are ordered task 0's, task 1's, ..., then the shared ones. Each gate's weights are
     scattered into a `[B, gates, E]` matrix (zeros for the experts it does not mix), so all
-    gates mix their experts in one batched product.
+    gates mix their experts in one batched product. On the first level, linear gates (the
+    papers' kind) read the same x and are computed together: one matmul, one softmax.
 
     Input: x `[B, I]` on the first level, else `[T+1, B, I]` (each task's input, then the
     shared input). Output: task outputs `[B, T, H]`, shared output `[B, H]` (None without a
@@ -124,7 +125,6 @@ class ExtractionLevel(nn.Module):
         mixed = torch.bmm(mix.to(experts.dtype), experts)  # [B, gates, H]
         shared = mixed[:, self.num_tasks] if self.shared_gate else None
         return mixed[:, : self.num_tasks], shared, dict(zip(self.gate_names, weights))
-
 
     def _fused_gate_mix(self, x: Tensor) -> Tensor:
         """Every linear gate from one matmul over x `[B, I]`: the logits land in a `[B, gates, E]`
