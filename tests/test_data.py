@@ -143,3 +143,18 @@ def test_integer_columns_take_the_fast_path_to_the_same_ids():
     odd = Encoder(s, vocabularies={"k": ["007", "7"]}, scalers={})
     assert odd._integer_index("k") is None  # "007" is no integer's canonical string
     assert odd.transform(pd.DataFrame({"k": [7], "y": [0]})).sparse[0, 0] == 2
+
+
+def test_numeric_dense_columns_scale_as_one_matrix_like_column_by_column():
+    s = Schema(dense=[{"name": "f"}, {"name": "i"}, {"name": "b"}], tasks=[{"name": "y"}])
+    rng = np.random.default_rng(0)
+    t = pd.DataFrame({"f": rng.normal(3, 2, 50), "i": rng.integers(0, 9, 50), "b": rng.random(50) < 0.3, "y": 0})
+    t.loc[[4, 7], "f"] = np.nan
+    enc = Encoder(s).fit(t)
+    together = enc.transform(t).dense  # every column numeric: one matrix
+    as_objects = t.astype({"f": object, "i": object, "b": object})  # column by column
+    torch.testing.assert_close(together, enc.transform(as_objects).dense, atol=0, rtol=0)
+    expected = (t[["f", "i", "b"]].astype(float) - t[["f", "i", "b"]].astype(float).mean()) / t[["f", "i", "b"]].astype(float).std(ddof=0)
+    torch.testing.assert_close(together, torch.tensor(expected.fillna(0).to_numpy(), dtype=torch.float32), atol=1e-6, rtol=0)
+    with pytest.raises(DataError, match=r"column 'i': row 3 holds 1e\+300, out of float32 range"):
+        enc.transform(t.astype({"i": float}).assign(i=lambda d: d["i"].where(d.index != 3, 1e300)))

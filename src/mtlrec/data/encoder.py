@@ -121,16 +121,7 @@ class Encoder:
             else:
                 codes = self._index(f.name).get_indexer(values)
                 sparse[:, j] = codes + 1  # unseen / missing: -1 -> 0
-        dense = np.zeros((n, len(s.dense)), dtype=np.float32)
-        for j, f in enumerate(s.dense):
-            mean, std = self.scalers[f.name]
-            values = (_numeric(table[f.name], f.name) - mean) / std
-            too_large = np.abs(values) > np.finfo(np.float32).max  # inf too
-            if too_large.any():
-                row = too_large.nonzero()[0][0]
-                raise DataError(f"column {f.name!r}: row {table.index[row]!r} holds {table[f.name].iloc[row]!r}, "
-                                "out of float32 range after scaling")
-            dense[:, j] = np.nan_to_num(values, nan=0.0)
+        dense = self._dense(table)
         label_values = np.zeros((n, len(s.tasks)), dtype=np.float32)
         mask = np.zeros((n, len(s.tasks)), dtype=bool)
         if labels:
@@ -146,6 +137,27 @@ class Encoder:
             torch.from_numpy(sparse), torch.from_numpy(dense),
             torch.from_numpy(label_values), torch.from_numpy(mask),
         )
+
+    def _dense(self, table: pd.DataFrame) -> np.ndarray:
+        """Scaled dense values `[N, D]` float32, missing -> 0. Plain numeric columns are scaled
+        together as one matrix; others (objects, nullable dtypes) column by column."""
+        names = [f.name for f in self.raw_schema.dense]
+        mean = np.array([self.scalers[c][0] for c in names])
+        std = np.array([self.scalers[c][1] for c in names])
+        if all(_plain_numbers(table[c]) for c in names):
+            values = table[names].to_numpy(dtype=np.float64).reshape(len(table), len(names))
+        else:
+            values = np.stack([_numeric(table[c], c) for c in names], axis=1) if names else np.zeros((len(table), 0))
+        scaled = (values - mean) / std
+        too_large = np.abs(scaled) > np.finfo(np.float32).max  # inf too
+        if too_large.any():
+            j = too_large.any(axis=0).nonzero()[0][0]
+            row = too_large[:, j].nonzero()[0][0]
+            value = table[names[j]].iloc[row]
+            value = value.item() if isinstance(value, np.generic) else value  # 1e+300, not np.float64(1e+300)
+            raise DataError(f"column {names[j]!r}: row {table.index[row]!r} holds {value!r}, "
+                            "out of float32 range after scaling")
+        return np.nan_to_num(scaled, nan=0.0).astype(np.float32)
 
     def _index(self, name: str) -> pd.Index:
         """The vocabulary of a feature as a hashed index, built once."""
@@ -192,6 +204,11 @@ def _require_columns(table: pd.DataFrame, names: list[str]) -> None:
 def _plain_integers(column: pd.Series) -> bool:
     """A numpy integer column (no missing values possible), not bool."""
     return pd.api.types.is_integer_dtype(column.dtype) and not pd.api.types.is_extension_array_dtype(column.dtype)
+
+
+def _plain_numbers(column: pd.Series) -> bool:
+    """A numpy numeric column (float with NaN for missing, integer or bool)."""
+    return pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_extension_array_dtype(column.dtype)
 
 
 def _categories(column: pd.Series) -> pd.Series:
