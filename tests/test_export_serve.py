@@ -21,7 +21,8 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
     raw = {"seed": 2, "data": {"synthetic": {"rows": 2000, "dim": 7, "sparse_features": 3,
                                              "task_types": ["binary", "regression"]}},
-           "model": {"name": "ple", "task_experts": [1, 2], "expert_hidden": [8], "tower_hidden": [4]},
+           "model": {"name": "ple", "task_experts": [1, 2], "expert_hidden": [8], "tower_hidden": [4],
+                     "batch_norm": True},  # exported with batch norm folded into the experts
            "train": {"epochs": 2, "progress": False}, "rank": {"weights": {"y1": 1.0}}}
     cfg = load_config(raw)
     run_experiment(cfg, folder)
