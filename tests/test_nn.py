@@ -18,7 +18,8 @@ def loop_bank(bank: ExpertBank, inputs, groups, activate_last=True, eval_norm=Fa
             if i < len(layers) - 1 or activate_last:
                 if eval_norm:
                     n, units = bank.norms[i], slice(e * h.shape[1], (e + 1) * h.shape[1])
-                    h = (h - n.running_mean[units]) / torch.sqrt(n.running_var[units] + n.eps) * n.weight[units] + n.bias[units]
+                    h = (h - n.running_mean[units]) / torch.sqrt(n.running_var[units] + n.eps)
+                    h = h * n.weight[units] + n.bias[units]
                 h = torch.relu(h)
         outs.append(h)
     return torch.stack(outs, dim=1)
