@@ -147,7 +147,7 @@ class Encoder:
         if all(_plain_numbers(table[c]) for c in names):
             values = table[names].to_numpy(dtype=np.float64).reshape(len(table), len(names))
         else:
-            values = np.stack([_numeric(table[c], c) for c in names], axis=1) if names else np.zeros((len(table), 0))
+            values = np.stack([_numeric(table[c], c) for c in names], axis=1)
         scaled = (values - mean) / std
         too_large = np.abs(scaled) > np.finfo(np.float32).max  # inf too
         if too_large.any():
