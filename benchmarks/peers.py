@@ -100,7 +100,7 @@ def run_mtlrec(model_name, x, y, xt, yt, vocab, precision="fp32"):
     predict_seconds = time.perf_counter() - start
     probs = torch.sigmoid(logits).numpy()
     b = train.rows(0, BATCH)
-    flops = flops_per_row(model, lambda: model(b.sparse, b.dense).logits)
+    flops = flops_per_row(model, lambda: model(b.features).logits)
     return train_seconds, predict_seconds, probs, flops
 
 

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from mtlrec.data.features import Features
 from mtlrec.schema import Schema
 
 
@@ -54,7 +55,7 @@ def three_task_cgc():
     tasks = TaskSet(schema)
 
     def losses_of():
-        return tasks.losses(model(torch.zeros(32, 0, dtype=torch.long), x).logits, labels, mask)
+        return tasks.losses(model(Features(torch.zeros(32, 0, dtype=torch.long), x)).logits, labels, mask)
 
     return model, tasks, losses_of
 

@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mtlrec.analysis import gate_utilisation, utilisation_table
-from mtlrec.analysis import plots
+from mtlrec.analysis import gate_utilisation, plots, utilisation_table
 from mtlrec.bench import run_bench, run_sweep
 from mtlrec.cli import main
 from mtlrec.config import load_config
@@ -69,7 +68,7 @@ def test_utilisation_sums_match_the_gates(tmp_path, tiny_config):
     means = gate_utilisation(trained, table, batch_size=97)
     data = trained.encoder.transform(table, labels=False)
     with torch.no_grad():
-        gates = trained.model.eval()(data.sparse, data.dense).gates
+        gates = trained.model.eval()(data.features).gates
     assert set(means) == set(gates)
     for name, weights in gates.items():
         torch.testing.assert_close(means[name], weights.mean(0), atol=1e-6, rtol=0)

@@ -6,9 +6,10 @@ out of the model under test; it shares no computation with the fused implementat
 
 import pytest
 import torch
+from helpers import dense_schema, linear_layers, mix, plain_gate, plain_mlp
 
 from mtlrec import models
-from helpers import dense_schema, linear_layers, mix, plain_gate, plain_mlp
+from mtlrec.data.features import Features
 
 TOL = 1e-6
 
@@ -62,7 +63,7 @@ def test_ple_and_cgc_equal_the_paper(num_levels, task_experts, shared_experts, e
     reps, _ = model.backbone(x)
     expected = plain_ple(model.backbone, x, task_experts, shared_experts)
     torch.testing.assert_close(reps, expected, atol=TOL, rtol=0)
-    torch.testing.assert_close(model(x[:, :0].long(), x).logits, plain_towers(model, expected), atol=TOL, rtol=0)
+    torch.testing.assert_close(model(Features(x[:, :0].long(), x)).logits, plain_towers(model, expected), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("gate_hidden", [[], [5]])
@@ -90,14 +91,14 @@ def test_omoe_uses_one_gate_for_all_tasks():
 def test_shared_bottom_and_single_task():
     model, x = build("shared_bottom", 2, hidden=[5, 4], tower_hidden=[3])
     h = plain_mlp(x, linear_layers(model.backbone.bottom))
-    torch.testing.assert_close(model(x[:, :0].long(), x).logits, plain_towers(model, torch.stack([h, h], 1)),
+    torch.testing.assert_close(model(Features(x[:, :0].long(), x)).logits, plain_towers(model, torch.stack([h, h], 1)),
                                atol=TOL, rtol=0)
     single, x = build("single_task", 2, hidden=[5])
     nets = single.nets
     assert len(nets) == 2 and not set(map(id, nets[0].parameters())) & set(map(id, nets[1].parameters()))
-    out = single(x[:, :0].long(), x).logits
+    out = single(Features(x[:, :0].long(), x)).logits
     for k, net in enumerate(nets):
-        torch.testing.assert_close(out[:, k], net(x[:, :0].long(), x).logits[:, 0])
+        torch.testing.assert_close(out[:, k], net(Features(x[:, :0].long(), x)).logits[:, 0])
 
 
 def test_gates_are_distributions_of_the_right_size():
@@ -120,7 +121,7 @@ def test_cgc_task_loss_leaves_other_tasks_experts_and_gate_untouched():
     torch.manual_seed(0)
     model = models.create("cgc", dense_schema(6), task_experts=[2, 2], shared_experts=1, expert_hidden=[5, 4])
     x = torch.randn(16, 6)
-    model(x[:, :0].long(), x).logits[:, 0].sum().backward()  # task a's loss alone
+    model(Features(x[:, :0].long(), x)).logits[:, 0].sum().backward()  # task a's loss alone
     level = model.backbone.levels[0]
     for w in list(level.experts.weights) + list(level.experts.biases):
         assert w.grad[2:4].abs().max() == 0  # task b's experts (indices 2, 3)

@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import dense_schema
 from pydantic import Field
 
 from mtlrec import models, tasks
 from mtlrec.config import ConfigError, load_config
-from mtlrec.data import Encoder, DataError, TensorData
+from mtlrec.data import DataError, Encoder, TensorData
+from mtlrec.data.features import Features
 from mtlrec.data.streaming import ParquetStream
 from mtlrec.experiment import run_experiment
 from mtlrec.models.base import Backbone, BackboneOutput
@@ -24,7 +26,6 @@ from mtlrec.models.registry import _REGISTRY, register_model
 from mtlrec.schema import Schema
 from mtlrec.tasks import KINDS, Metric, TaskKind, TaskSet, register_kind
 from mtlrec.train.evaluation import constant_baseline
-from helpers import dense_schema
 
 
 # ------------------------------------------------------------------ task kinds
@@ -182,7 +183,7 @@ def test_a_new_model_is_one_registered_class(linear_model, tiny_config):
     ({"task_experts": 2.5}, "model 'cgc' option task_experts"),
     ({"dropout": 1.0}, "model 'cgc' option dropout: Input should be less than 1"),
     ({"expert_hidden": [0]}, "model 'cgc' option expert_hidden"),
-    ({"activation": "swish"}, "model 'cgc' option activation: Input should be 'relu', 'gelu', 'silu', 'tanh' or 'sigmoid'"),
+    ({"activation": "swish"}, "model 'cgc' option activation: Input should be 'relu', 'gelu', 'silu', 'tanh', 'sigmoid' or 'prelu'"),
 ])
 def test_bad_model_options_are_config_errors_naming_the_option(tiny_config, options, message):
     with pytest.raises(ConfigError, match=message):
@@ -196,8 +197,8 @@ def test_cgc_is_ple_with_one_level():
     torch.manual_seed(0)
     ple = models.create("ple", schema, expert_hidden=[8], task_experts=[1, 2], num_levels=1)
     x = torch.randn(6, 5)
-    torch.testing.assert_close(cgc(torch.zeros(6, 0, dtype=torch.long), x).logits,
-                               ple(torch.zeros(6, 0, dtype=torch.long), x).logits, atol=0, rtol=0)
+    torch.testing.assert_close(cgc(Features(torch.zeros(6, 0, dtype=torch.long), x)).logits,
+                               ple(Features(torch.zeros(6, 0, dtype=torch.long), x)).logits, atol=0, rtol=0)
     assert "num_levels" not in models.model_options("cgc")
 
 

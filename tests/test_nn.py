@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from mtlrec.data.features import Features
 from mtlrec.nn import ExpertBank, FeatureEmbedding
 from mtlrec.schema import Schema
 
@@ -114,7 +115,7 @@ def test_embedding_concatenates_lookups_grouped_by_size():
     dense = torch.tensor([[0.5], [-1.0]])
     small, large = emb.tables  # sizes 2 and 4
     expected = torch.cat([small.weight[ids[:, 1]], large.weight[ids[:, 0]], large.weight[5 + ids[:, 2]], dense], 1)
-    torch.testing.assert_close(emb(ids, dense), expected)
+    torch.testing.assert_close(emb(Features(ids, dense)), expected)
     assert isinstance(small, nn.Embedding) and small.num_embeddings == 3 and large.num_embeddings == 12
 
 

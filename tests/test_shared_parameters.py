@@ -3,12 +3,13 @@ experts (CGC, the last PLE level) are that task's, not shared (PCGrad and GradNo
 define their operations on the shared parameters)."""
 
 import torch
+from helpers import dense_schema
 
 from mtlrec import models
+from mtlrec.data.features import Features
 from mtlrec.losses import create_weighting
 from mtlrec.models.base import shared_parameters
 from mtlrec.tasks import TaskSet
-from helpers import dense_schema
 
 SCHEMA = dense_schema(5, tasks=("a", "b"), types=["binary", "regression"])
 
@@ -64,7 +65,7 @@ def test_pcgrad_projects_shared_entries_only():
     sparse, x, labels, mask = batch()
     x, labels = x.double(), labels.double()
     tasks = TaskSet(SCHEMA)
-    losses_fn = lambda: tasks.losses(model(sparse, x).logits, labels, mask)
+    losses_fn = lambda: tasks.losses(model(Features(sparse, x)).logits, labels, mask)
     owned = {}  # what one task owns: whole tensors (towers, gates) and its experts' entries
     for k in range(2):
         for p in model.task_parameters(k):
@@ -88,7 +89,7 @@ def test_pcgrad_projects_shared_entries_only():
 def test_gradnorm_norms_cover_shared_entries_only():
     model = cgc()
     sparse, x, labels, mask = batch()
-    losses = TaskSet(SCHEMA).losses(model(sparse, x).logits, labels, mask)
+    losses = TaskSet(SCHEMA).losses(model(Features(sparse, x)).logits, labels, mask)
     shared = shared_parameters(model, 2)
     norms = shared.task_gradients(losses).norm(dim=1)
     keep = shared.flat_mask()

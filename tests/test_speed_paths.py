@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from helpers import dense_schema
 
 from mtlrec import models
 from mtlrec.config import load_config
 from mtlrec.data import TensorData
+from mtlrec.data.features import Features
 from mtlrec.train.trainer import Trainer
-from helpers import dense_schema
 
 
 def train_once(**train):
@@ -46,7 +47,7 @@ def test_compiled_model_equals_eager():
     x = torch.randn(33, 6)
     ids = torch.zeros(33, 0, dtype=torch.long)
     compiled = torch.compile(model)
-    torch.testing.assert_close(compiled(ids, x).logits, model(ids, x).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled(Features(ids, x)).logits, model(Features(ids, x)).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,options", [("ple", {"num_levels": 2, "task_experts": [2, 1, 0], "shared_experts": 2}),
@@ -63,7 +64,7 @@ def test_fused_first_level_gates_equal_the_gates_one_by_one(name, options):
     for fused in (True, False):
         levels[0].fused_gates = fused
         model.zero_grad()
-        out = model(ids, x)
+        out = model(Features(ids, x))
         out.logits.square().sum().backward()
         results.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     (fused, fused_grads), (plain, plain_grads) = results

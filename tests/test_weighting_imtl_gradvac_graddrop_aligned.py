@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import dense_schema
 
 from mtlrec import models
+from mtlrec.data.features import Features
 from mtlrec.losses import WEIGHTINGS, create_weighting
 from mtlrec.losses.weighting.aligned_mtl import align_gradients
 from mtlrec.losses.weighting.graddrop import drop_signs, uniform_draws
@@ -15,7 +17,6 @@ from mtlrec.losses.weighting.gradvac import vaccinate
 from mtlrec.losses.weighting.imtl import impartial_weights
 from mtlrec.models.base import shared_parameters
 from mtlrec.tasks import TaskSet
-from helpers import dense_schema
 
 TWO = dense_schema(tasks=("c", "r"), types=["binary", "regression"])
 
@@ -277,7 +278,7 @@ def model_and_losses(tasks):
     labels = torch.stack([(x[:, 0] > 0), -10 * (x[:, 0] > 0), (x[:, 1] > 0)][:tasks], 1).double()
     task_set = TaskSet(schema)
     sparse, mask = torch.zeros(32, 0, dtype=torch.long), torch.ones(32, tasks, dtype=torch.bool)
-    return model, task_set, lambda: task_set.losses(model(sparse, x).logits, labels, mask)
+    return model, task_set, lambda: task_set.losses(model(Features(sparse, x)).logits, labels, mask)
 
 
 def plain_gradients(model, losses_fn, tasks):

@@ -6,14 +6,15 @@ from itertools import pairwise
 
 import pytest
 import torch
+from helpers import dense_schema
 
 from mtlrec import models
+from mtlrec.data.features import Features
 from mtlrec.losses import WEIGHTINGS, create_weighting
 from mtlrec.losses.weighting import db_mtl, famo, gls, rlw, stch  # noqa: F401  (registers them)
 from mtlrec.losses.weighting.db_mtl import magnitude_scales
 from mtlrec.models.base import shared_parameters
 from mtlrec.tasks import TaskSet
-from helpers import dense_schema
 
 TWO = dense_schema(5, tasks=("c", "r"), types=["binary", "regression"])
 THREE = dense_schema(5, tasks=("a", "b", "c"))
@@ -54,7 +55,7 @@ def test_each_method_trains_a_cgc_model_with_finite_gradients(spec):
     mask = torch.ones(16, 2, dtype=torch.bool)
     for _ in range(3):
         model.zero_grad()
-        losses = tasks.losses(model(torch.zeros(16, 0, dtype=torch.long), x).logits, labels, mask)
+        losses = tasks.losses(model(Features(torch.zeros(16, 0, dtype=torch.long), x)).logits, labels, mask)
         used = weighting.backward(losses, shared)
         weighting.after_step()
         assert used.shape == (2,) and torch.isfinite(used).all() and (used > 0).all()
@@ -194,7 +195,7 @@ def test_db_mtl_leaves_a_tasks_own_experts_of_a_fused_bank_their_log_gradient():
     x = torch.randn(24, 5, dtype=torch.float64)
     labels = torch.stack([(x[:, 0] > 0).double(), 5 * x[:, 1]], 1)
     mask = torch.ones(24, 2, dtype=torch.bool)
-    losses_fn = lambda: tasks.losses(model(torch.zeros(24, 0, dtype=torch.long), x).logits, labels, mask)
+    losses_fn = lambda: tasks.losses(model(Features(torch.zeros(24, 0, dtype=torch.long), x)).logits, labels, mask)
     params = list(model.parameters())
     plain = torch.autograd.grad(torch.log(losses_fn()).sum(), params, allow_unused=True)
     shared = shared_parameters(model, 2)

@@ -6,10 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import dense_schema
+from helpers import linear_layers as layers_of
+from helpers import plain_mlp as mlp
 
 from mtlrec import models
+from mtlrec.data.features import Features
 from mtlrec.tasks import TaskSet
-from helpers import dense_schema, linear_layers as layers_of, plain_mlp as mlp
 
 TOL = 1e-6
 
@@ -31,7 +34,7 @@ def test_asymmetric_sharing_reads_the_source_task_detached():
     expected = [mlp(torch.cat([own[k], own[1]], 1), layers_of(bb.fuse[k])) if k != 1 else own[1] for k in range(3)]
     reps, _ = bb(x)
     torch.testing.assert_close(reps, torch.stack(expected, 1), atol=TOL, rtol=0)
-    model(no_ids(x), x).logits[:, 0].sum().backward()  # task a's loss
+    model(Features(no_ids(x), x)).logits[:, 0].sum().backward()  # task a's loss
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in bb.bottoms[1].parameters())  # b's bottom: untouched
     assert all(p.grad.abs().max() > 0 for p in bb.bottoms[0].parameters())
     with pytest.raises(ValueError, match="source 'z' is not a task"):
@@ -96,7 +99,7 @@ def test_adatt_needs_a_native_expert_per_task():
 
 def test_esmm_ctcvr_is_the_product_and_cvr_is_reported():
     model, x = build("esmm", tasks=("click", "buy"), hidden=[6])
-    out = model(no_ids(x), x)
+    out = model(Features(no_ids(x), x))
     reps, _ = model.backbone(x)
     ctr = mlp(reps[:, 0], layers_of(model.towers[0]), activate_last=False)[:, 0]
     cvr = mlp(reps[:, 1], layers_of(model.towers[1]), activate_last=False)[:, 0]
@@ -139,7 +142,7 @@ def test_aitm_transfer_attention_and_calibrator():
         w = torch.softmax(torch.stack(score, 1), 1)
         z.append(sum(w[:, i : i + 1] * (v @ ait.value.weight.T + ait.value.bias) for i, v in enumerate(u)))
     logits = torch.stack([mlp(z[t], layers_of(model.towers[t]), activate_last=False)[:, 0] for t in range(3)], 1)
-    out = model(no_ids(x), x)
+    out = model(Features(no_ids(x), x))
     torch.testing.assert_close(out.logits, logits, atol=TOL, rtol=0)
     y = torch.sigmoid(logits)
     expected_penalty = 0.5 * (torch.relu(y[:, 1] - y[:, 0]).mean() + torch.relu(y[:, 2] - y[:, 1]).mean())
@@ -150,7 +153,7 @@ def test_aitm_calibrator_pushes_a_later_step_below_the_earlier_one():
     model, x = build("aitm", tasks=("click", "buy"), hidden=[6], calibration=1.0)
     with torch.no_grad():
         model.towers[1][-1].bias.fill_(5.0)  # buy predicted likelier than click
-    out = model(no_ids(x), x)
+    out = model(Features(no_ids(x), x))
     assert out.penalty > 0
     logits = out.logits
     grad_click, grad_buy = torch.autograd.grad(out.penalty, logits)[0].unbind(1)

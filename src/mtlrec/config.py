@@ -60,8 +60,12 @@ class DataConfig(ConfigBlock):
 
 
 class Features(ConfigBlock):
+    """The input columns, and the column of per-row sample weights (see `mtlrec.schema.Schema`)."""
+
     sparse: list[SparseFeature] = []
     dense: list[DenseFeature] = []
+    sample_weight: str | None = Field(None, description="a column of per-row loss weights (>= 0) for every task")
+    weighted_metrics: bool = Field(False, description="compute the metrics with the sample weights too")
 
 
 class ModelConfig(BaseModel):
@@ -203,7 +207,9 @@ class Experiment(ConfigBlock):
 
     @property
     def schema(self) -> Schema:
-        return Schema(sparse=self.features.sparse, dense=self.features.dense, tasks=self.tasks)
+        f = self.features
+        return Schema(sparse=f.sparse, dense=f.dense, tasks=self.tasks, sample_weight=f.sample_weight,
+                      weighted_metrics=f.weighted_metrics)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -7,7 +7,7 @@ features and tasks in schema order: `sparse` ids are `[B, S]` with S = len(schem
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
@@ -35,12 +35,29 @@ def typed_options(what: str, options_class: type[BaseModel], values: dict[str, A
         raise ValueError(f"{what} option {problems}") from None
 
 
+class Attention(ConfigBlock):
+    """Target attention over a list (DIN, Zhou et al. KDD 2018): each element k of the list is
+    scored against the embedding q of the `target` feature by an MLP over [q, k, q - k, q * k]
+    (`hidden` layers, PReLU, one output); the pooled vector is sum_i score_i * k_i over the
+    row's elements. As in the paper the scores are not normalised; `softmax: true`
+    normalises them over each row's elements instead. Padding never gets a score."""
+
+    target: str = Field(description="a single-valued sparse feature of the same embedding size, e.g. item_id")
+    hidden: list[PositiveInt] = [36]
+    softmax: bool = False
+
+
 class SparseFeature(ConfigBlock):
     """A categorical column, embedded through a learned table.
 
     `vocab_size` counts every id the table holds, the out-of-vocabulary id 0 included; the
     encoder sets it from the training split, so a config normally leaves it out. With
     `hash_buckets` the ids are 1 + hash(value) mod hash_buckets (missing: 0), no vocabulary.
+
+    `multi_valued: true` makes the column a list of categories per row (a Parquet list column,
+    a list in a DataFrame cell, or text split at `separator`), embedded element by element
+    and pooled into one vector (`pooling`). Features naming one `embedding` table share its
+    parameters and its vocabulary (e.g. `item_id` and `clicked_items`).
     """
 
     name: str
@@ -50,6 +67,44 @@ class SparseFeature(ConfigBlock):
     hash_buckets: PositiveInt | None = Field(
         None, description="hash values into this many ids instead of keeping a vocabulary (very high cardinality)"
     )
+    embedding: str | None = Field(None, description="the table's name; features naming one table share it")
+    multi_valued: bool = Field(False, description="the column holds a list of categories per row")
+    separator: str = Field("|", min_length=1, description="splits a text cell into its list (multi-valued)")
+    max_length: PositiveInt | None = Field(None, description="keep only the last max_length elements of a list")
+    pooling: Literal["sum", "mean", "max", "attention"] = Field("mean", description="how a list becomes one vector")
+    attention: Attention | None = Field(None, description="the target and MLP of pooling: attention")
+    weights: str | None = Field(None, description="a list column of the same lengths holding element weights")
+    weight_separator: str | None = Field(
+        None, min_length=1, description="elements carry their weight inline after this, e.g. ':' in 'drama:0.7'"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SparseFeature:
+        listed = {"max_length": self.max_length, "attention": self.attention, "weights": self.weights,
+                  "weight_separator": self.weight_separator}
+        if not self.multi_valued:
+            given = sorted(k for k, v in listed.items() if v is not None)
+            if given or self.pooling != "mean":
+                given += ["pooling"] if self.pooling != "mean" else []
+                raise ValueError(f"sparse feature {self.name!r}: {given} apply to lists only; set multi_valued: true")
+            return self
+        if (self.pooling == "attention") != (self.attention is not None):
+            raise ValueError(f"sparse feature {self.name!r}: pooling: attention and an attention block go together")
+        if self.pooling == "attention" and self.max_length is None:
+            raise ValueError(f"sparse feature {self.name!r}: attention needs max_length (it pads lists to it)")
+        if self.weights and self.weight_separator:
+            raise ValueError(f"sparse feature {self.name!r}: give element weights as a column or inline, not both")
+        if (self.weights or self.weight_separator) and self.pooling in ("max", "attention"):
+            raise ValueError(f"sparse feature {self.name!r}: element weights work with sum and mean pooling, "
+                             f"not {self.pooling}")
+        if self.weight_separator == self.separator:
+            raise ValueError(f"sparse feature {self.name!r}: weight_separator must differ from separator")
+        return self
+
+    @property
+    def table(self) -> str:
+        """The name of the embedding table the feature reads (its own name unless shared)."""
+        return self.embedding or self.name
 
 
 class DenseFeature(ConfigBlock):
@@ -81,6 +136,9 @@ class Task(ConfigBlock):
         None, description="derive the label from other columns instead, e.g. \"marital == 'Never married'\""
     )
     weight: float = Field(1.0, ge=0.0, description="fixed weight of this task's loss")
+    sample_weight: str | None = Field(
+        None, description="a column of per-row weights for this task's loss (instead of the schema's)"
+    )
     space: str | None = Field(
         None, description="sample space: a condition on the table's columns, e.g. 'click == 1'"
     )
@@ -110,9 +168,15 @@ class Task(ConfigBlock):
 
 
 class Schema(ConfigBlock):
+    """Features and tasks. `sample_weight` names a column of per-row weights (>= 0) for every
+    task's loss (a task's own `sample_weight` takes precedence); `weighted_metrics` computes
+    the metrics with them too."""
+
     sparse: list[SparseFeature] = []
     dense: list[DenseFeature] = []
     tasks: list[Task]
+    sample_weight: str | None = None
+    weighted_metrics: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> Schema:
@@ -133,7 +197,58 @@ class Schema(ConfigBlock):
         inputs = {f.name for f in self.sparse} | {f.name for f in self.dense}
         if labels & inputs:
             raise ValueError(f"label columns used as input features: {sorted(labels & inputs)}")
+        weight_columns = {c for c in [self.sample_weight] + [t.sample_weight for t in self.tasks] if c}
+        if weight_columns & inputs:
+            raise ValueError(f"sample weight columns used as input features: {sorted(weight_columns & inputs)}")
+        if self.weighted_metrics and not weight_columns:
+            raise ValueError("weighted_metrics needs a sample_weight column")
+        self._check_tables()
         return self
+
+    def _check_tables(self) -> None:
+        """Features sharing a table agree on what the table is; attention targets exist."""
+        by_name = {f.name: f for f in self.sparse}
+        first: dict[str, SparseFeature] = {}
+        for f in self.sparse:
+            other = first.setdefault(f.table, f)
+            for field in ("embedding_dim", "min_freq", "hash_buckets", "vocab_size"):
+                if getattr(f, field) != getattr(other, field):
+                    raise ValueError(f"sparse features {other.name!r} and {f.name!r} share table {f.table!r} but "
+                                     f"differ in {field} ({getattr(other, field)} vs {getattr(f, field)})")
+            if f.attention is not None:
+                target = by_name.get(f.attention.target)
+                if target is None or target.multi_valued:
+                    raise ValueError(f"sparse feature {f.name!r}: attention target {f.attention.target!r} must be "
+                                     "a single-valued sparse feature")
+                if target.embedding_dim != f.embedding_dim:
+                    raise ValueError(f"sparse feature {f.name!r}: attention target {target.name!r} has embedding_dim "
+                                     f"{target.embedding_dim}, the list {f.embedding_dim}; they must match")
+
+    @property
+    def singles(self) -> list[SparseFeature]:
+        """The single-valued sparse features: the columns of `ids [B, S]`."""
+        return [f for f in self.sparse if not f.multi_valued]
+
+    @property
+    def lists(self) -> list[SparseFeature]:
+        """The multi-valued sparse features, one `Jagged` each."""
+        return [f for f in self.sparse if f.multi_valued]
+
+    @property
+    def tables(self) -> dict[str, list[SparseFeature]]:
+        """Table name -> the features reading it, in schema order (tables in order of first use)."""
+        out: dict[str, list[SparseFeature]] = {}
+        for f in self.sparse:
+            out.setdefault(f.table, []).append(f)
+        return out
+
+    def weight_column(self, task: Task) -> str | None:
+        """The column of per-row weights of a task's loss, or None (every row weighs 1)."""
+        return task.sample_weight or self.sample_weight
+
+    @property
+    def weighted(self) -> bool:
+        return any(self.weight_column(t) for t in self.tasks)
 
     @property
     def task_names(self) -> list[str]:

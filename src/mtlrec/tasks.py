@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Metric:
-    """A metric of one task over a split: `compute(labels [N], predictions [N]) -> float`."""
+    """A metric of one task over a split: `compute(labels [N], predictions [N]) -> float`, and
+    `compute(labels, predictions, weights [N])` for weighted metrics (`Schema.weighted_metrics`)."""
 
     name: str
     compute: Callable[[np.ndarray, np.ndarray], float]
@@ -168,6 +169,8 @@ class TaskSet(nn.Module):
         super().__init__()
         self.names = [t.name for t in schema.tasks]
         self.kinds = [kind_of(t.type) for t in schema.tasks]
+        self.weighted = schema.weighted  # rows carry sample weights
+        self.weighted_metrics = schema.weighted_metrics
         self.register_buffer("weights", torch.tensor([t.weight for t in schema.tasks], dtype=torch.float32),
                              persistent=False)
         self.register_buffer("uncertainty_scales", torch.tensor([k.uncertainty_scale for k in self.kinds]),
@@ -195,16 +198,21 @@ class TaskSet(nn.Module):
             out = part if out is None else torch.where(mine, part, out)
         return out
 
-    def losses(self, logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    def losses(self, logits: Tensor, labels: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
         """Each task's loss over its own sample space (PLE paper, Eq. 9), `[T]`.
 
-        L_k = sum_i m_ik l_k(logit_ik, y_ik) / sum_i m_ik, l_k the loss of task k's kind. A task
-        with no labelled row in the batch has loss 0 (and so no gradient).
+        L_k = sum_i m_ik l_k(logit_ik, y_ik) / sum_i m_ik, l_k the loss of task k's kind. With
+        sample weights w `[B, T]`, the weighted mean sum_i w_ik m_ik l_ik / sum_i w_ik m_ik.
+        A task with no labelled row (or only weight 0) in the batch has loss 0 (no gradient).
         logits, labels `[B, T]` float; mask `[B, T]` bool.
         """
         labels = labels.masked_fill(~mask, 0.0)
         per_row = self._by_kind(logits, lambda kind, z: kind.loss(z, labels)) * mask
-        return per_row.sum(0) / mask.sum(0).clamp(min=1)
+        if weights is None:
+            return per_row.sum(0) / mask.sum(0).clamp(min=1)
+        weights = weights * mask
+        total = weights.sum(0)
+        return torch.where(total > 0, (per_row * weights).sum(0) / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
 
     def predict(self, logits: Tensor) -> Tensor:
         """`[B, T]` logits -> what each task reports: a probability (binary), a value, a rate."""
@@ -214,15 +222,18 @@ class TaskSet(nn.Module):
         """`[T]` training label means -> `[T]` logits of the constant predictor."""
         return self._by_kind(mean, lambda kind, m: kind.baseline_logit(m))
 
-    def metrics(self, predictions: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    def metrics(self, predictions: np.ndarray, labels: np.ndarray, mask: np.ndarray,
+                weights: np.ndarray | None = None) -> dict[str, float]:
         """`{"auc/click": ..., "logloss/click": ..., "mse/watch": ..., ...}` over the rows in each
-        task's sample space; predictions, labels, mask `[N, T]`. NaN for a task without rows."""
+        task's sample space; predictions, labels, mask (and sample weights, for weighted
+        metrics) `[N, T]`. NaN for a task without rows."""
         out: dict[str, float] = {}
         for k, (name, kind) in enumerate(zip(self.names, self.kinds)):
             keep = mask[:, k].astype(bool)
             y, p = labels[keep, k].astype(np.float64), predictions[keep, k].astype(np.float64)
+            w = () if weights is None else (weights[keep, k].astype(np.float64),)
             for metric in kind.metrics:
-                out[f"{metric.name}/{name}"] = metric.compute(y, p) if y.size else math.nan
+                out[f"{metric.name}/{name}"] = metric.compute(y, p, *w) if y.size else math.nan
         return out
 
     @property

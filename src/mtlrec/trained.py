@@ -51,7 +51,7 @@ class TrainedModel:
         device = next(self.model.parameters()).device
         logits, extras = [], {}
         for b in data.batches(batch_size):
-            out = self.model(b.sparse.to(device), b.dense.to(device))
+            out = self.model(b.to(device).features)
             logits.append(out.logits.cpu())
             for name, value in out.extra_logits.items():
                 extras.setdefault(name, []).append(value.cpu())

@@ -20,7 +20,7 @@ def gate_utilisation(trained: TrainedModel, table: pd.DataFrame, batch_size: int
     model = trained.model.eval()
     sums: dict[str, torch.Tensor] = {}
     for batch in data.batches(batch_size):
-        for name, weights in model(batch.sparse, batch.dense).gates.items():
+        for name, weights in model(batch.features).gates.items():
             sums[name] = sums.get(name, 0) + weights.sum(0)
     if not sums:
         raise ValueError(f"model {trained.config.model.name!r} has no gates to analyse")

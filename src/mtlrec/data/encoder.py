@@ -1,7 +1,9 @@
 """Raw table columns -> model tensors, fitted on the training split and saved with the model.
 
 Sparse: each category seen at least `min_freq` times in training gets an id 1..n; id 0 is the
-out-of-vocabulary id, taken by unseen categories and missing cells. A category is a string:
+out-of-vocabulary id, taken by unseen categories and missing cells. Features sharing an
+embedding table share one vocabulary, counted over all their columns; a list column's
+elements count one each (`mtlrec.data.lists` says how lists are read). A category is a string:
 int 3, "3", Int64 3 and float 3.0 (an integer column with blanks) are all "3"; a float that
 is no whole number, or too large for its dtype to hold an id exactly (2**53 for float64), is
 an error naming the row.
@@ -10,6 +12,7 @@ passes, chunks merged by Chan et al.'s formula); a missing cell becomes the trai
 (0 after scaling).
 Errors name the row by the table's index; for a chunk that names its file
 (`table.attrs["file"]`, as ParquetStream's chunks do) the message starts with the file.
+Sample weights: finite and >= 0; a missing weight is an error naming the row.
 Labels: valid as the task's kind says (binary 0/1, regression finite, ...); a missing label (NaN / empty),
 or a row outside the task's `space` condition, leaves the row out of that task (label mask
 False). Labels outside the space are not read.
@@ -26,10 +29,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mtlrec.data.errors import DataError
+from mtlrec.data.errors import DataError, row_label
+from mtlrec.data.features import Jagged
+from mtlrec.data.lists import check_separator, split_lists
 from mtlrec.data.tensors import TensorData
 from mtlrec.expression import ExpressionError, evaluate, parse
-from mtlrec.schema import Schema
+from mtlrec.schema import Schema, SparseFeature
 from mtlrec.tasks import kind_of
 
 
@@ -43,7 +48,7 @@ class Encoder:
 
     @property
     def fitted(self) -> bool:
-        return len(self.vocabularies) == len(self.raw_schema.sparse) and len(self.scalers) == len(
+        return len(self.vocabularies) == len(self.raw_schema.tables) and len(self.scalers) == len(
             self.raw_schema.dense
         )
 
@@ -58,40 +63,49 @@ class Encoder:
         s = self.raw_schema
         self._indexes = {}
         counted = [f for f in s.sparse if not f.hash_buckets]
-        counts = {f.name: pd.Series(dtype="int64") for f in counted}
+        counts = {f.table: pd.Series(dtype="int64") for f in counted}
         moments = {f.name: _Moments(f.name) for f in s.dense}
         rows = 0
         for table in tables:
             table = _numbered_from(table, rows)
             with _naming_file(table):
-                _require_columns(table, [f.name for f in s.sparse + s.dense])
+                _require_columns(table, self._feature_columns())
                 for f in counted:
-                    column = table[f.name]
+                    if f.multi_valued:
+                        check_separator(table[f.name], f)
+                    column = split_lists(table, f).elements if f.multi_valued else table[f.name]
                     if _plain_integers(column):  # count the integers, name them as strings after
                         found = column.value_counts()
                         found.index = found.index.astype(str)
                     else:
                         found = _categories(column, f.name).value_counts()
-                    counts[f.name] = counts[f.name].add(found, fill_value=0)
+                    counts[f.table] = counts[f.table].add(found, fill_value=0)
                 for f in s.dense:
                     moments[f.name].add(_numeric(table[f.name], f.name), table)
             rows += len(table)
         if rows == 0:
             raise DataError("cannot fit the encoder on an empty table")
-        for f in s.sparse:
-            kept = counts[f.name][counts[f.name] >= f.min_freq].index if f.name in counts else []
-            self.vocabularies[f.name] = sorted(str(v) for v in kept)
+        for name, members in s.tables.items():
+            f = members[0]
+            kept = counts[name][counts[name] >= f.min_freq].index if name in counts else []
+            self.vocabularies[name] = sorted(str(v) for v in kept)
         for f in s.dense:
             mean, std = moments[f.name].mean_and_std()
             self.scalers[f.name] = (mean, std if std > 1e-12 else 1.0)
         return self
 
+    def _feature_columns(self) -> list[str]:
+        """The columns the features read: their own and their element-weight columns."""
+        s = self.raw_schema
+        return [f.name for f in s.sparse + s.dense] + [f.weights for f in s.lists if f.weights]
+
     def columns(self, labels: bool = True) -> list[str]:
         """The columns `transform` reads: the features and, with labels, the label columns and
         the columns the tasks' expressions and spaces name."""
         s = self.raw_schema
-        names = [f.name for f in s.sparse + s.dense]
+        names = self._feature_columns()
         if labels:
+            names += [c for c in dict.fromkeys(s.weight_column(t) for t in s.tasks) if c and c not in names]
             for t in s.tasks:
                 conditions = [c for c in (t.expression, t.space) if c]
                 read = [t.column] if t.column else []
@@ -103,7 +117,7 @@ class Encoder:
     def schema(self) -> Schema:
         """The schema with each sparse feature's vocab_size (vocabulary + the OOV id)."""
         sparse = [
-            f.model_copy(update={"vocab_size": (f.hash_buckets or len(self.vocabularies[f.name])) + 1})
+            f.model_copy(update={"vocab_size": (f.hash_buckets or len(self.vocabularies[f.table])) + 1})
             for f in self.raw_schema.sparse
         ]
         return self.raw_schema.model_copy(update={"sparse": sparse})
@@ -119,26 +133,21 @@ class Encoder:
         if len(table) == 0:
             raise DataError("the table has no rows")
         s = self.raw_schema
-        needed = [f.name for f in s.sparse + s.dense] + ([t.column for t in s.tasks if t.column] if labels else [])
+        needed = self._feature_columns() + ([t.column for t in s.tasks if t.column] if labels else [])
         _require_columns(table, needed)
         n = len(table)
-        sparse = np.zeros((n, len(s.sparse)), dtype=np.int64)
-        for j, f in enumerate(s.sparse):
-            column = table[f.name]
-            integers = self._integer_index(f.name) if not f.hash_buckets and _plain_integers(column) else None
-            if integers is not None:
-                sparse[:, j] = integers.get_indexer(column.to_numpy()) + 1
-                continue
-            values = _categories(column, f.name)
-            if f.hash_buckets:
-                hashed = pd.util.hash_array(values.fillna("").to_numpy(dtype=object)) % np.uint64(f.hash_buckets)
-                sparse[:, j] = np.where(values.isna().to_numpy(), 0, hashed.astype(np.int64) + 1)
-            else:
-                codes = self._index(f.name).get_indexer(values)
-                sparse[:, j] = codes + 1  # unseen / missing: -1 -> 0
+        sparse = np.zeros((n, len(s.singles)), dtype=np.int64)
+        for j, f in enumerate(s.singles):
+            sparse[:, j] = self._ids(table[f.name], f)
+        lists = []
+        for f in s.lists:
+            split = split_lists(table, f)
+            weights = None if split.weights is None else torch.from_numpy(split.weights)
+            lists.append(Jagged(torch.from_numpy(self._ids(split.elements, f)), torch.from_numpy(split.offsets), weights))
         dense = self._dense(table)
         label_values = np.zeros((n, len(s.tasks)), dtype=np.float32)
         mask = np.zeros((n, len(s.tasks)), dtype=bool)
+        sample_weights = None
         if labels:
             for k, task in enumerate(s.tasks):
                 values = _label_values(table, task)
@@ -148,10 +157,42 @@ class Encoder:
                 _check_labels(values, present, task.column or task.name, task.type, table.index)
                 label_values[:, k] = np.where(present, values, 0.0)
                 mask[:, k] = present
+            if s.weighted:
+                sample_weights = torch.from_numpy(self._sample_weights(table))
         return TensorData(
             torch.from_numpy(sparse), torch.from_numpy(dense),
-            torch.from_numpy(label_values), torch.from_numpy(mask),
+            torch.from_numpy(label_values), torch.from_numpy(mask), tuple(lists), sample_weights,
         )
+
+    def _ids(self, column: pd.Series, f: SparseFeature) -> np.ndarray:
+        """A column's (or a list column's elements') ids `[N]` int64: vocabulary id 1..n
+        (0: unseen or missing) or hash bucket + 1."""
+        integers = self._integer_index(f.table) if not f.hash_buckets and _plain_integers(column) else None
+        if integers is not None:
+            return integers.get_indexer(column.to_numpy()) + 1
+        values = _categories(column, f.name)
+        if f.hash_buckets:
+            hashed = pd.util.hash_array(values.fillna("").to_numpy(dtype=object)) % np.uint64(f.hash_buckets)
+            return np.where(values.isna().to_numpy(), 0, hashed.astype(np.int64) + 1)
+        return self._index(f.table).get_indexer(values) + 1  # unseen / missing: -1 -> 0
+
+    def _sample_weights(self, table: pd.DataFrame) -> np.ndarray:
+        """`[N, T]` float32: each task's weight column, 1 for a task without one."""
+        s = self.raw_schema
+        out = np.ones((len(table), len(s.tasks)), dtype=np.float32)
+        for k, task in enumerate(s.tasks):
+            name = s.weight_column(task)
+            if name is None:
+                continue
+            _require_columns(table, [name])
+            values = _numeric(table[name], name)
+            bad = ~np.isfinite(values) | (values < 0)
+            if bad.any():
+                row = bad.nonzero()[0][0]
+                raise DataError(f"sample weight column {name!r} must hold a finite number >= 0 in every row: "
+                                f"row {table.index[row]!r} holds {values[row].item()!r}")
+            out[:, k] = values
+        return out
 
     def _dense(self, table: pd.DataFrame) -> np.ndarray:
         """Scaled dense values `[N, D]` float32, missing -> 0. Plain numeric columns are scaled
@@ -330,12 +371,12 @@ def _check_whole_floats(values: np.ndarray, index: pd.Index, name: str, dtype: n
         too_large = present & (np.abs(values) >= 2.0**bits)
     if not_whole.any():
         row = not_whole.nonzero()[0][0]
-        raise DataError(f"sparse column {name!r}: row {index[row]!r} holds {values[row].item()!r}, not a whole number: "
+        raise DataError(f"sparse column {name!r}: row {row_label(index[row])!r} holds {values[row].item()!r}, not a whole number: "
                         "numbers in a sparse column must be integer ids (give the column as text to use such "
                         "values as categories)")
     if too_large.any():
         row = too_large.nonzero()[0][0]
-        raise DataError(f"sparse column {name!r}: row {index[row]!r} holds {values[row].item()!r}, a {dtype} at or "
+        raise DataError(f"sparse column {name!r}: row {row_label(index[row])!r} holds {values[row].item()!r}, a {dtype} at or "
                         f"beyond 2**{bits}, which cannot hold an id exactly (larger integers are rounded); read the "
                         f"column as text or integers, e.g. pd.read_csv(..., dtype={{{name!r}: 'string'}})")
 
@@ -343,6 +384,13 @@ def _check_whole_floats(values: np.ndarray, index: pd.Index, name: str, dtype: n
 def _numeric(column: pd.Series, name: str) -> np.ndarray:
     if pd.api.types.is_bool_dtype(column):
         return column.to_numpy(dtype=np.float64)
+    if column.dtype == object:
+        lists = column.map(lambda v: isinstance(v, (list, tuple, np.ndarray)))
+        if lists.any():
+            row = lists.to_numpy().nonzero()[0][0]
+            raise DataError(f"column {name!r} must be numeric: row {column.index[row]!r} holds a list; a dense "
+                            "feature takes one number per row (a list of categories is a sparse feature "
+                            "with multi_valued: true)")
     values = pd.to_numeric(column, errors="coerce")
     bad = values.isna() & column.notna()
     if bad.any():

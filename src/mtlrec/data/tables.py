@@ -50,15 +50,27 @@ def read_table(path: str | Path) -> pd.DataFrame:
     raise DataError(f"{path}: unknown table format {suffix!r}; use one of {SUFFIXES}")
 
 
-def write_table(table: pd.DataFrame, path: str | Path) -> None:
+def write_table(table: pd.DataFrame, path: str | Path, separator: str = "|") -> None:
+    """Write a .csv or .parquet file. In CSV a list cell is written as its elements joined by
+    `separator` (the default of a multi-valued feature), not as Python's "[1, 2]"; Parquet
+    keeps lists as list columns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".csv":
-        table.to_csv(path, index=False)
+        _lists_as_text(table, separator).to_csv(path, index=False)
     elif path.suffix.lower() in (".parquet", ".pq"):
         table.to_parquet(path, index=False)
     else:
         raise DataError(f"{path}: unknown table format {path.suffix!r}; use one of {SUFFIXES}")
+
+
+def _lists_as_text(table: pd.DataFrame, separator: str) -> pd.DataFrame:
+    listed = [c for c in table.columns if table[c].dtype == object
+              and table[c].map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any()]
+    if not listed:
+        return table
+    join = lambda v: separator.join(map(str, v)) if isinstance(v, (list, tuple, np.ndarray)) else v  # noqa: E731
+    return table.assign(**{c: table[c].map(join) for c in listed})
 
 
 _PARSER_ERRORS = (pd.errors.ParserError, UnicodeDecodeError, EOFError, zlib.error, OSError, pa.ArrowException)

@@ -8,42 +8,59 @@ gathering, concatenating and moving apply to every field alike.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from mtlrec.data.features import Features, Jagged
+
 
 @dataclass
 class TensorData:
-    """Encoded rows: sparse ids `[N, S]` int64, dense `[N, D]` float32,
-    labels `[N, T]` float32 (0 where missing) and label mask `[N, T]` bool (True = label present).
+    """Encoded rows: single-valued sparse ids `[N, S]` int64, dense `[N, D]` float32,
+    labels `[N, T]` float32 (0 where missing), label mask `[N, T]` bool (True = label present),
+    one `Jagged` per multi-valued sparse feature, and sample weights `[N, T]` float32 (None:
+    every row weighs 1).
     """
 
     sparse: Tensor
     dense: Tensor
     labels: Tensor
     mask: Tensor
+    lists: tuple[Jagged, ...] = field(default=())
+    weights: Tensor | None = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    def _map(self, fn) -> TensorData:
-        return TensorData(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+    @property
+    def features(self) -> Features:
+        """What the model reads."""
+        return Features(self.sparse, self.dense, self.lists)
+
+    def _map(self, fn, fn_lists) -> TensorData:
+        return TensorData(fn(self.sparse), fn(self.dense), fn(self.labels), fn(self.mask),
+                          tuple(fn_lists(j) for j in self.lists), None if self.weights is None else fn(self.weights))
 
     def to(self, device: torch.device | str) -> TensorData:
-        return self._map(lambda t: t.to(device, non_blocking=True))
+        return self._map(lambda t: t.to(device, non_blocking=True), lambda j: j.to(device))
 
     def concat(self, other: TensorData) -> TensorData:
         """These rows followed by `other`'s."""
-        return TensorData(**{f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)})
+        if (self.weights is None) != (other.weights is None):
+            raise ValueError("cannot concatenate rows with sample weights to rows without")
+        cat = lambda a, b: torch.cat([a, b])  # noqa: E731
+        return TensorData(cat(self.sparse, other.sparse), cat(self.dense, other.dense), cat(self.labels, other.labels),
+                          cat(self.mask, other.mask), tuple(a.concat(b) for a, b in zip(self.lists, other.lists)),
+                          None if self.weights is None else cat(self.weights, other.weights))
 
     def take(self, index: Tensor) -> TensorData:
-        return self._map(lambda t: t.index_select(0, index))
+        return self._map(lambda t: t.index_select(0, index), lambda j: j.take(index))
 
     def rows(self, start: int, stop: int) -> TensorData:
-        """Rows start..stop-1, as views."""
-        return self._map(lambda t: t[start:stop])
+        """Rows start..stop-1, as views (list offsets renumbered)."""
+        return self._map(lambda t: t[start:stop], lambda j: j.rows(start, stop))
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[TensorData]:
         """Consecutive batches (views); with a generator, of a fresh permutation of the rows,

@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from mtlrec.data.features import Features
 from mtlrec.models.base import Backbone, ModelOutput, MultiTaskModel
 from mtlrec.models.options import MLPOptions
 from mtlrec.models.registry import register_model
@@ -67,8 +68,8 @@ class AITM(MultiTaskModel):
         self.transfers = nn.ModuleList(nn.Sequential(nn.Linear(h, h), activation) for _ in schema.tasks[1:])
         self.ait = nn.ModuleList(AdaptiveInformationTransfer(h, h) for _ in schema.tasks[1:])
 
-    def forward(self, sparse: Tensor, dense: Tensor) -> ModelOutput:
-        q, gates = self.backbone(self.embedding(sparse, dense))  # [B, T, H]
+    def forward(self, features: Features) -> ModelOutput:
+        q, gates = self.backbone(self.embedding(features))  # [B, T, H]
         z = [q[:, 0]]
         for t in range(1, q.shape[1]):
             z.append(self.ait[t - 1](self.transfers[t - 1](z[-1]), q[:, t]))

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mtlrec.data.features import Features
 from mtlrec.nn import MLP, FeatureEmbedding
 from mtlrec.schema import Schema
 from mtlrec.train.gradients import SharedParameters
@@ -64,7 +65,7 @@ class MultiTaskModel(nn.Module):
     Each tower has its own parameters, so a step on one task's loss alone (alternating
     training) can leave every other tower untouched.
 
-    Input: sparse ids `[B, S]`, dense values `[B, D]`. Output: `ModelOutput` with logits `[B, T]`
+    Input: `Features` (ids `[B, S]`, dense `[B, D]`, lists). Output: `ModelOutput` with logits `[B, T]`
     (`mtlrec.tasks.TaskSet.predict` turns them into what each task reports).
 
     Example:
@@ -74,7 +75,7 @@ class MultiTaskModel(nn.Module):
         >>> schema = Schema(sparse=[SparseFeature(name="item", vocab_size=100, embedding_dim=4)],
         ...                 tasks=[Task(name="click"), Task(name="finish")])
         >>> model = MultiTaskModel(schema, MMoE, MoEOptions(num_experts=3, expert_hidden=[16]))
-        >>> out = model(torch.tensor([[5], [42], [0]]), torch.zeros(3, 0))
+        >>> out = model(Features(torch.tensor([[5], [42], [0]]), torch.zeros(3, 0)))
         >>> out.logits.shape, out.gates["gate/click"].shape
         (torch.Size([3, 2]), torch.Size([3, 3]))
     """
@@ -89,8 +90,8 @@ class MultiTaskModel(nn.Module):
             for _ in schema.tasks
         )
 
-    def forward(self, sparse: Tensor, dense: Tensor) -> ModelOutput:
-        reps, gates = self.backbone(self.embedding(sparse, dense))
+    def forward(self, features: Features) -> ModelOutput:
+        reps, gates = self.backbone(self.embedding(features))
         return ModelOutput(self.tower_logits(reps), gates)
 
     def tower_logits(self, reps: Tensor) -> Tensor:
@@ -116,8 +117,8 @@ class SingleTaskModels(nn.Module):
             for task in schema.tasks
         )
 
-    def forward(self, sparse: Tensor, dense: Tensor) -> ModelOutput:
-        logits = torch.cat([net(sparse, dense).logits for net in self.nets], dim=1)
+    def forward(self, features: Features) -> ModelOutput:
+        logits = torch.cat([net(features).logits for net in self.nets], dim=1)
         return ModelOutput(logits, {})
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtlrec.data.features import Features
 from mtlrec.models.base import Backbone, ModelOutput, MultiTaskModel
 from mtlrec.models.options import MLPOptions
 from mtlrec.models.registry import register_model
@@ -52,8 +53,8 @@ class ESMM(MultiTaskModel):
             raise ValueError("esmm trains both tasks on the entire impression space: remove the tasks' space")
         super().__init__(schema, backbone, options)
 
-    def forward(self, sparse: Tensor, dense: Tensor) -> ModelOutput:
-        reps, gates = self.backbone(self.embedding(sparse, dense))
+    def forward(self, features: Features) -> ModelOutput:
+        reps, gates = self.backbone(self.embedding(features))
         ctr, cvr = self.tower_logits(reps).unbind(1)
         logits = torch.stack([ctr, product_logit(ctr, cvr)], dim=1)
         return ModelOutput(logits, gates, {"cvr": cvr})

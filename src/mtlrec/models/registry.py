@@ -98,7 +98,8 @@ def create(name: str, schema: Schema, **options: Any) -> nn.Module:
         >>> schema = Schema(sparse=[SparseFeature(name="user", vocab_size=10)],
         ...                 dense=[DenseFeature(name="age")], tasks=[Task(name="click"), Task(name="like")])
         >>> model = create("ple", schema, expert_hidden=[16], tower_hidden=[8])
-        >>> out = model(torch.tensor([[3], [7]]), torch.zeros(2, 1))
+        >>> from mtlrec.data.features import Features
+        >>> out = model(Features(torch.tensor([[3], [7]]), torch.zeros(2, 1)))
         >>> out.logits.shape
         torch.Size([2, 2])
     """

@@ -1,34 +1,46 @@
-"""Turns a batch of raw ids and dense values into one input vector per row."""
+"""Turns a batch's features (single ids, id lists, dense values) into one input vector per row."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from mtlrec.data.features import Features
+from mtlrec.nn.pooling import AttentionPooling, pool
 from mtlrec.schema import Schema
 
 
 class FeatureEmbedding(nn.Module):
-    """Embeds every sparse feature and appends the dense values.
+    """Embeds every sparse feature, pools every list, and appends the dense values.
 
-    Sparse features of equal embedding size share one table, each feature owning a slice of
-    rows (an id offset), so a batch needs one lookup per distinct size instead of one per feature.
+    Tables of equal embedding size are stored as one parameter, each table owning a slice of
+    its rows (an id offset), so a batch needs one lookup per distinct size for all single ids.
+    Features naming one table (`SparseFeature.embedding`) read the same rows: one parameter
+    and one vocabulary. Lists are pooled per feature (`mtlrec.nn.pooling`).
 
-    Input: sparse ids `[B, S]` (int64, feature f in `[0, vocab_size_f)`), dense `[B, D]`.
-    Output: `[B, out_dim]` with out_dim = sum of embedding sizes + D; the embeddings come
-    grouped by embedding size (schema order within a size), the dense values last.
+    Call args: `Features` with ids `[B, S]` (int64, feature f in `[0, vocab_size_f)`), dense
+    `[B, D]`, one `Jagged` per multi-valued feature.
+    Returns: `[B, out_dim]`, out_dim = sum of embedding sizes + D: the single ids' embeddings
+    grouped by embedding size (schema order within a size), then the pooled lists (schema
+    order), the dense values last.
 
     Example:
         >>> import torch
+        >>> from mtlrec.data.features import Features, Jagged
         >>> from mtlrec.schema import DenseFeature, Schema, SparseFeature, Task
         >>> schema = Schema(sparse=[SparseFeature(name="user", vocab_size=50, embedding_dim=4),
-        ...                         SparseFeature(name="item", vocab_size=90, embedding_dim=4)],
+        ...                         SparseFeature(name="item", vocab_size=90, embedding_dim=4),
+        ...                         SparseFeature(name="seen", vocab_size=90, embedding_dim=4,
+        ...                                       embedding="item", multi_valued=True, pooling="sum")],
         ...                 dense=[DenseFeature(name="age")], tasks=[Task(name="click")])
         >>> embed = FeatureEmbedding(schema)
-        >>> x = embed(torch.tensor([[1, 7], [49, 0]]), torch.tensor([[0.5], [-1.0]]))
+        >>> seen = Jagged.from_lists([[7, 8], []])
+        >>> x = embed(Features(torch.tensor([[1, 7], [49, 0]]), torch.tensor([[0.5], [-1.0]]), (seen,)))
         >>> x.shape, embed.out_dim
-        (torch.Size([2, 9]), 9)
+        (torch.Size([2, 13]), 13)
         >>> torch.equal(x[:, 4:8], embed.tables[0].weight[50 + torch.tensor([7, 0])])  # item after user
+        True
+        >>> torch.allclose(x[0, 8:12], embed.tables[0].weight[50 + 7] + embed.tables[0].weight[50 + 8])
         True
     """
 
@@ -36,26 +48,54 @@ class FeatureEmbedding(nn.Module):
         super().__init__()
         schema.require_vocab()
         self.num_dense = len(schema.dense)
+        tables = schema.tables
         dims = sorted({f.embedding_dim for f in schema.sparse})
         self.tables = nn.ModuleList()
+        where: dict[str, tuple[int, int]] = {}  # table name -> (parameter, first row)
+        self.single_groups: list[int] = []  # parameters that single ids read
         for i, dim in enumerate(dims):
-            members = [j for j, f in enumerate(schema.sparse) if f.embedding_dim == dim]
-            sizes = [schema.sparse[j].vocab_size for j in members]
-            offsets = torch.tensor([0] + sizes[:-1]).cumsum(0)
-            table = nn.Embedding(sum(sizes), dim)
+            names = [name for name, members in tables.items() if members[0].embedding_dim == dim]
+            first_row = 0
+            for name in names:
+                where[name] = (i, first_row)
+                first_row += tables[name][0].vocab_size
+            table = nn.Embedding(first_row, dim)
             nn.init.normal_(table.weight, std=0.01)
             self.tables.append(table)
-            self.register_buffer(f"columns_{i}", torch.tensor(members), persistent=False)
-            self.register_buffer(f"offsets_{i}", offsets, persistent=False)
+            members = [j for j, f in enumerate(schema.singles) if f.embedding_dim == dim]
+            if members:
+                self.single_groups.append(i)
+                offsets = torch.tensor([where[schema.singles[j].table][1] for j in members])
+                self.register_buffer(f"columns_{i}", torch.tensor(members), persistent=False)
+                self.register_buffer(f"offsets_{i}", offsets, persistent=False)
+        singles = [f.name for f in schema.singles]
+        self.lists = [(where[f.table], f.pooling) for f in schema.lists]
+        by_name = {f.name: f for f in schema.sparse}
+        # attention: (the target's column in ids, the first row of the target's table)
+        self.targets = [(singles.index(f.attention.target), where[by_name[f.attention.target].table][1])
+                        if f.attention else None for f in schema.lists]
+        self.attention = nn.ModuleDict({
+            str(k): AttentionPooling(f.embedding_dim, f.max_length, f.attention)
+            for k, f in enumerate(schema.lists) if f.attention is not None
+        })
         self.out_dim = sum(f.embedding_dim for f in schema.sparse) + self.num_dense
 
-    def forward(self, sparse: Tensor, dense: Tensor) -> Tensor:
+    def forward(self, features: Features) -> Tensor:
+        ids, dense, lists = features
         parts = []
-        for i, table in enumerate(self.tables):
+        for i in self.single_groups:
             columns = getattr(self, f"columns_{i}")
-            ids = sparse.index_select(1, columns) + getattr(self, f"offsets_{i}")
+            grouped = ids.index_select(1, columns) + getattr(self, f"offsets_{i}")
             # index_select is table(ids) with a backward (index_add) over twice as fast on CPU
-            parts.append(table.weight.index_select(0, ids.reshape(-1)).view(ids.shape[0], -1))
+            parts.append(self.tables[i].weight.index_select(0, grouped.reshape(-1)).view(grouped.shape[0], -1))
+        for k, (((i, first_row), mode), values) in enumerate(zip(self.lists, lists)):
+            table = self.tables[i].weight
+            if mode == "attention":
+                column, target_row = self.targets[k]
+                query = table.index_select(0, ids[:, column] + target_row)
+                parts.append(self.attention[str(k)](table, values.values + first_row, values, query))
+            else:
+                parts.append(pool(table, values.values + first_row, values.offsets, mode, values.weights))
         if self.num_dense:
             parts.append(dense)
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
-               "sigmoid": nn.Sigmoid}
+               "sigmoid": nn.Sigmoid, "prelu": nn.PReLU}
 
 
 def activation_layer(name: str) -> nn.Module:

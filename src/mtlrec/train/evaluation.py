@@ -24,11 +24,12 @@ def evaluate_logits(tasks: TaskSet, logits: Tensor, data: TensorData) -> dict[st
         >>> evaluate_logits(tasks, torch.tensor([[2.0], [2.0]]), rows)["mse/y"]
         1.0
     """
-    losses = tasks.losses(logits, data.labels, data.mask)
+    losses = tasks.losses(logits, data.labels, data.mask, data.weights)
     out = {"loss": float((tasks.weights.to(losses.device) * losses).sum())}
     out |= {f"loss/{name}": float(v) for name, v in zip(tasks.names, losses)}
     predictions = tasks.predict(logits)
-    out |= tasks.metrics(*(t.cpu().numpy() for t in (predictions, data.labels, data.mask)))
+    weights = data.weights.cpu().numpy() if tasks.weighted_metrics and data.weights is not None else None
+    out |= tasks.metrics(*(t.cpu().numpy() for t in (predictions, data.labels, data.mask)), weights)
     return out
 
 

@@ -1,4 +1,7 @@
-"""Metric functions over a whole split: `metric(labels [N], predictions [N]) -> float`.
+"""Metric functions over a whole split: `metric(labels [N], predictions [N], weights [N] = None) -> float`.
+
+With sample weights every row counts `weights[i]` times: weighted means, and an AUC over
+pairs weighted by the product of their weights.
 
 Metrics are computed from all of a split's predictions at once, never averaged per batch.
 Which metrics a task reports, and their direction, is its kind's (`mtlrec.tasks`).
@@ -12,9 +15,13 @@ import math
 import numpy as np
 
 
-def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN with one class."""
+def auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN with one class.
+    Weighted: sum over (positive i, negative j) of w_i w_j ([s_i > s_j] + [s_i = s_j] / 2),
+    over the sum of w_i w_j."""
     labels = labels.astype(bool)
+    if weights is not None:
+        return _weighted_auc(labels, scores, weights)
     n_pos = int(labels.sum())
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -29,22 +36,42 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def log_loss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+def _weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> float:
+    w = weights.astype(np.float64)
+    pos_total, neg_total = w[labels].sum(), w[~labels].sum()
+    if pos_total <= 0 or neg_total <= 0:
+        return math.nan
+    distinct, group = np.unique(scores, return_inverse=True)
+    neg = np.bincount(group, weights=np.where(labels, 0.0, w), minlength=distinct.size)
+    pos = np.bincount(group, weights=np.where(labels, w, 0.0), minlength=distinct.size)
+    below = np.cumsum(neg) - neg  # negative weight strictly below each distinct score
+    return float((pos * (below + neg / 2)).sum() / (pos_total * neg_total))
+
+
+def log_loss(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None, eps: float = 1e-7) -> float:
     p = np.clip(probs.astype(np.float64), eps, 1 - eps)
-    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+    return _mean(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)), weights)
 
 
-def mean_squared_error(labels: np.ndarray, predictions: np.ndarray) -> float:
-    return float(np.mean((predictions - labels) ** 2))
+def mean_squared_error(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None) -> float:
+    return _mean((predictions - labels) ** 2, weights)
 
 
-def mean_absolute_error(labels: np.ndarray, predictions: np.ndarray) -> float:
-    return float(np.mean(np.abs(predictions - labels)))
+def mean_absolute_error(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None) -> float:
+    return _mean(np.abs(predictions - labels), weights)
 
 
-def poisson_deviance(labels: np.ndarray, predictions: np.ndarray, eps: float = 1e-12) -> float:
+def poisson_deviance(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None,
+                     eps: float = 1e-12) -> float:
     """Mean Poisson deviance 2 (y log(y / p) - (y - p)), with y log y = 0 at y = 0."""
     p = np.maximum(predictions, eps)
     with np.errstate(divide="ignore", invalid="ignore"):
         y_log = np.where(labels > 0, labels * np.log(labels / p), 0.0)
-    return float(np.mean(2.0 * (y_log - (labels - p))))
+    return _mean(2.0 * (y_log - (labels - p)), weights)
+
+
+def _mean(values: np.ndarray, weights: np.ndarray | None) -> float:
+    if weights is None:
+        return float(np.mean(values))
+    total = float(np.sum(weights, dtype=np.float64))
+    return float(np.dot(values, weights) / total) if total > 0 else math.nan

@@ -185,12 +185,14 @@ class Trainer:
 
     def _forward(self, batch: TensorData):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
-            out = self.forward(batch.sparse, batch.dense)
+            out = self.forward(batch.features)
         return out._replace(logits=out.logits.float())
 
     def _step(self, batch: TensorData) -> tuple[Tensor, Tensor]:
         out = self._forward(batch)
-        losses = self.tasks.losses(out.logits, batch.labels, batch.mask)
+        losses = self.tasks.losses(out.logits, batch.labels, batch.mask, batch.weights)
+        if self.world > 1:
+            losses = self._over_all_processes(losses, batch)
         nonfinite = ~torch.isfinite(losses.detach())
         self._first_bad = torch.where(nonfinite & (self._first_bad < 0), self.global_step, self._first_bad)
         for opt in self.optimizers:
@@ -205,6 +207,16 @@ class Trainer:
         self.weighting.after_step()
         self.global_step += 1
         return weights.detach(), losses.detach()
+
+    def _over_all_processes(self, losses: Tensor, batch: TensorData) -> Tensor:
+        """Rescale this process's per-task losses (means over its rows) so that the average of the
+        processes' gradients is the gradient of the mean over all processes' rows: each task's
+        rows (or sample weights) in its space are counted over the processes (one all-reduce of
+        `[T]`). Processes whose batches hold different numbers of a task's rows thus train
+        exactly as one process on the global batch would."""
+        mine = (batch.mask if batch.weights is None else batch.weights * batch.mask).sum(0).to(losses.dtype)
+        every = distributed.total(mine.clone())
+        return torch.where(every > 0, losses * mine * self.world / every.clamp(min=torch.finfo(every.dtype).tiny), 0.0)
 
     def _alternating_backward(self, losses: Tensor, penalty: Tensor | None) -> Tensor:
         """One task's (config-weighted) loss; the other tasks' own parameters get no update."""
@@ -267,16 +279,18 @@ class Trainer:
         """Logits `[N, T]` for every row of the split, with the rows' labels and masks. Under
         torch.distributed each process predicts its shard and all receive the whole split."""
         self.model.eval()
-        logits, labels, masks = [], [], []
+        logits, labels, masks, weights = [], [], [], []
         for batch in data.shard(self.rank, self.world).to(self.device).batches(4 * self.config.batch_size):
             logits.append(self._forward(batch).logits)
             labels.append(batch.labels)
             masks.append(batch.mask)
+            weights.append(batch.weights if batch.weights is not None else torch.ones_like(batch.labels))
         parts = [torch.cat(x) if x else torch.zeros(0, len(self.tasks), device=self.device)
-                 for x in (logits, labels, masks)]
+                 for x in (logits, labels, masks, weights)]
         parts = distributed.gather_rows(parts)
         empty = torch.zeros(0, 0)
-        return parts[0], TensorData(empty, empty, parts[1], parts[2].bool())
+        return parts[0], TensorData(empty, empty, parts[1], parts[2].bool(),
+                                    weights=parts[3] if self.tasks.weighted else None)
 
     def evaluate(self, data: BatchSource) -> dict[str, float]:
         """Weighted loss, per-task losses and metrics over the whole split."""
