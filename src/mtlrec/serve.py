@@ -7,7 +7,13 @@
 Rows. Each row gives every feature of the model and no other key; when the config's
 `rank.item.column` is not a feature, every row gives it too (a row without it gets 422:
 send null when it is unknown). Sparse features: a string or an integer (3 and "3" are one
-category), null for missing. Dense features: a finite number, null for missing (the
+category), null for missing. List (multi-valued) features: an array of such elements, null
+or [] for an empty list; a null or "" element is missing and dropped, a whole float (3.0)
+is the integer, and a list longer than the feature's `max_length` keeps its last elements,
+as `TrainedModel.predict` reads a list cell. With inline element weights
+(`weight_separator`) every element is a string "name<separator>weight"; with a weights
+column (`weights`) the row gives that column too: an array of finite numbers, one per
+element (null for an empty list). Dense features: a finite number, null for missing (the
 training mean). The item value: a finite number or null; null gives f(item) = 1, i.e. the
 item factor is left out of that row's score.
 
@@ -61,7 +67,15 @@ try:  # the HTTP protocol uvicorn picks by itself: httptools when installed, els
 except ImportError:
     from uvicorn.protocols.http.h11_impl import H11Protocol as _HttpProtocol
 
+from mtlrec.export import (
+    MISSING,
+    encoded_features,
+    encoded_part,
+    list_input_names,
+    weighted,
+)
 from mtlrec.rank import fused_score_array
+from mtlrec.schema import Schema
 from mtlrec.trained import TrainedModel, load
 
 ENV_MODEL = "MTLREC_SERVE_MODEL"  # model folder of the worker processes of run_service
@@ -72,6 +86,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object",
               type(None): "null"}
 SPARSE_TYPES = frozenset({str, int, type(None)})
+EXACT_FLOATS = 2.0**53  # whole floats below this are ids exactly, as the encoder reads them
 NUMBER_TYPES = frozenset({int, float, type(None)})
 
 log = logging.getLogger(__name__)
@@ -136,30 +151,35 @@ class Scorer:
         self.trained = trained
         self.max_rows = max_rows
         self.rank = trained.config.rank
-        self.sparse = [f.name for f in schema.sparse]
+        self.sparse = [f.name for f in schema.singles]
+        self.lists = schema.lists
         self.dense = [f.name for f in schema.dense]
         self.item = self.rank.item.column if self.rank.item else None
-        self.item_is_extra = self.item is not None and self.item not in self.sparse + self.dense
-        self.keys = frozenset(self.sparse + self.dense + ([self.item] if self.item_is_extra else []))
-        self.vocabularies = [None if f.hash_buckets else _vocabulary_ids(trained.encoder.vocabularies[f.name])
-                             for f in schema.sparse]
-        self.hash_buckets = [f.hash_buckets for f in schema.sparse]
+        read = self.sparse + [f.name for f in self.lists] + self.dense + [f.weights for f in self.lists if f.weights]
+        self.item_is_extra = self.item is not None and self.item not in read
+        self.keys = frozenset(read + ([self.item] if self.item_is_extra else []))
+        tables = {name: _vocabulary_ids(trained.encoder.vocabularies[name])
+                  for name, members in schema.tables.items() if not members[0].hash_buckets}
+        self.vocabularies = [tables.get(f.table) for f in schema.singles]
+        self.hash_buckets = [f.hash_buckets for f in schema.singles]
+        self.list_vocabularies = [None if f.hash_buckets else tables[f.table] | {None: MISSING} for f in self.lists]
+        self.list_inputs = [name for f in self.lists for name in list_input_names(f)]
         self.mean = np.array([trained.encoder.scalers[n][0] for n in self.dense], dtype=np.float64)
         self.std = np.array([trained.encoder.scalers[n][1] for n in self.dense], dtype=np.float64)
         self._sparse_of = _tuple_getter(self.sparse)
         self._dense_of = _tuple_getter(self.dense)
         self.tasks = schema.task_names
         trained.model.cpu().eval()
-        probe = _probe_inputs(trained)
-        extras = list(torch_outputs(trained, *probe)[1])
+        probe = _probe_inputs(schema)
+        extras = list(torch_outputs(trained, schema, *probe)[1])
         self.names = self.tasks + [f"{n}_extra" if n in self.tasks else n for n in extras] + ["score"]
         self.session = None
         if backend != "torch":
-            why = ("hashed features cannot be exported" if any(self.hash_buckets)
+            why = ("hashed features cannot be exported" if any(f.hash_buckets for f in schema.sparse)
                    else f"the model has extra outputs {extras}" if extras else None)
             if why is None:
                 try:
-                    self.session = _onnx_session(trained, model_dir, probe)
+                    self.session = _onnx_session(trained, schema, model_dir, probe)
                 except (ImportError, ValueError, RuntimeError) as err:
                     why = str(err)
             if why is not None and backend == "onnx":
@@ -173,9 +193,9 @@ class Scorer:
     def answer(self, body: bytes) -> bytes:
         """The JSON answer to a request body; RequestError for a body the service refuses."""
         rows = self.rows(body)
-        ids, dense, raw_dense = self.encode(rows)
+        ids, dense, raw_dense, lists = self.encode(rows)
         item = self.item_values(rows, raw_dense) if self.item else None
-        outputs = self.outputs(ids, dense)
+        outputs = self.outputs(ids, dense, *lists)
         score = fused_score_array(outputs[:, : len(self.tasks)], self.tasks, item, self.rank, self.schema)
         table = np.column_stack([outputs.astype(np.float64), score])
         values = table.tolist()
@@ -213,14 +233,16 @@ class Scorer:
                 if self.item_is_extra and self.item in missing else "")
         raise RequestError(422, f"row {i}: missing feature(s) {missing}{note}")
 
-    def encode(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows -> ids `[N, S]` int64, scaled dense `[N, D]` float32 (missing: 0) and the raw
-        dense values `[N, D]` float64 (missing: NaN), as the model's encoder gives them."""
+    def encode(self, rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Rows -> ids `[N, S]` int64, scaled dense `[N, D]` float32 (missing: 0), the raw
+        dense values `[N, D]` float64 (missing: NaN), as the model's encoder gives them, and the
+        list features' inputs (`list_input_names`: codes, lengths, weights), flat."""
         n = len(rows)
         ids = np.zeros((n, len(self.sparse)), dtype=np.int64)
         if self.sparse:
             for j, column in enumerate(zip(*map(self._sparse_of, rows))):
                 ids[:, j] = self._ids(j, column)
+        lists = [array for k in range(len(self.lists)) for array in self._list_inputs(k, rows)]
         dense_rows = list(map(self._dense_of, rows))
         if not set(map(type, chain.from_iterable(dense_rows))) <= NUMBER_TYPES:
             self._refuse_dense(dense_rows, lambda v: type(v) not in NUMBER_TYPES)
@@ -240,7 +262,7 @@ class Scorer:
                                     "out of float32 range after scaling")
         if not finite.all():
             scaled[~finite] = 0.0  # missing: the training mean
-        return ids, scaled.astype(np.float32), raw
+        return ids, scaled.astype(np.float32), raw, lists
 
     def _ids(self, j: int, column: tuple) -> np.ndarray:
         """One sparse feature's ids: vocabulary id (0: unseen or missing) or hash bucket + 1."""
@@ -261,9 +283,45 @@ class Scorer:
         vocabulary = self.vocabularies[j]
         if vocabulary is not None:
             return np.fromiter(map(vocabulary.get, column, repeat(0)), dtype=np.int64, count=len(column))
-        texts = np.array(["" if v is None else str(v) for v in column], dtype=object)
-        buckets = pd.util.hash_array(texts) % np.uint64(self.hash_buckets[j])
-        return np.where([v is None for v in column], 0, buckets.astype(np.int64) + 1)
+        return _hashed(column, self.hash_buckets[j], missing=0)
+
+    def _list_inputs(self, k: int, rows: list[dict]) -> list[np.ndarray]:
+        """List feature k's codes `[V]` int64 (vocabulary id or hash bucket + 1; `MISSING` for a
+        missing element), lengths `[N]` int64 and, with element weights, weights `[V]` float32.
+        The model drops the missing elements and keeps the last `max_length`."""
+        f = self.lists[k]
+        elements: list = []
+        weights: list[float] = []
+        lengths = np.zeros(len(rows), dtype=np.int64)
+        for i, row in enumerate(rows):
+            cell = row[f.name]
+            if cell is None:
+                cell = []
+            elif type(cell) is not list:
+                raise RequestError(422, f"row {i}: list feature {f.name!r} must be an array of strings or integers "
+                                        f"(null: an empty list), not {_json_type(cell)}")
+            lengths[i] = len(cell)
+            if f.weight_separator:
+                for value in cell:
+                    name, weight = _weighted_element(i, f.name, f.weight_separator, value)
+                    elements.append(name)
+                    weights.append(weight)
+            else:
+                elements += cell if set(map(type, cell)) <= SPARSE_TYPES else [_element(i, f.name, v) for v in cell]
+                if f.weights:
+                    weights += _weights(i, f.name, f.weights, row[f.weights], len(cell))
+        if not _is_unicode("".join(v for v in elements if type(v) is str)):
+            e = next(e for e, v in enumerate(elements) if type(v) is str and not _is_unicode(v))
+            i = int(np.searchsorted(np.cumsum(lengths), e, side="right"))
+            raise RequestError(422, f"row {i}: list feature {f.name!r} holds text that is not valid Unicode "
+                                    "(a lone surrogate)")
+        elements = [None if v == "" else v for v in elements]
+        vocabulary = self.list_vocabularies[k]
+        if vocabulary is not None:
+            codes = np.fromiter(map(vocabulary.get, elements, repeat(0)), dtype=np.int64, count=len(elements))
+        else:
+            codes = _hashed(elements, f.hash_buckets, missing=MISSING)
+        return [codes, lengths] + ([np.array(weights, dtype=np.float32)] if weighted(f) else [])
 
     def _refuse_dense(self, dense_rows: list[tuple], bad) -> None:
         """RequestError for the first dense value `bad(value)` holds for, if any."""
@@ -293,20 +351,69 @@ class Scorer:
 
     # -- the model ------------------------------------------------------------------------------
 
-    def outputs(self, ids: np.ndarray, dense: np.ndarray) -> np.ndarray:
-        """`[N, T + E]` predictions: the tasks', then the extra outputs'."""
+    def outputs(self, ids: np.ndarray, dense: np.ndarray, *lists: np.ndarray) -> np.ndarray:
+        """`[N, T + E]` predictions: the tasks', then the extra outputs'. lists: `encode`'s."""
         if self.session is not None:
-            return self.session.run(None, _feed(self.session, ids, dense))[0]
-        predictions, extras = torch_outputs(self.trained, ids, dense)
+            return self.session.run(None, _feed(self.session, ids, dense, dict(zip(self.list_inputs, lists))))[0]
+        predictions, extras = torch_outputs(self.trained, self.schema, ids, dense, *lists)
         return np.column_stack([predictions, *extras.values()]) if extras else predictions
 
 
-def torch_outputs(trained: TrainedModel, ids: np.ndarray, dense: np.ndarray):
-    """Encoded rows -> (task predictions `[N, T]`, extra outputs as probabilities by name)."""
+def torch_outputs(trained: TrainedModel, schema: Schema, ids: np.ndarray, dense: np.ndarray, *lists: np.ndarray):
+    """Encoded rows (lists: `Scorer.encode`'s) -> (task predictions `[N, T]`, extra outputs as
+    probabilities by name)."""
     with torch.inference_mode():
-        out = trained.model(torch.from_numpy(ids), torch.from_numpy(dense))
+        features = encoded_features(schema, torch.from_numpy(ids), torch.from_numpy(dense),
+                                    [torch.from_numpy(a) for a in lists])
+        out = trained.model(features)
         predictions = trained.tasks.predict(out.logits).numpy()
         return predictions, {n: torch.sigmoid(v).numpy() for n, v in out.extra_logits.items()}
+
+
+def _hashed(values, buckets: int, missing: int) -> np.ndarray:
+    """1 + the encoder's hash of each value mod `buckets`; `missing` for None."""
+    texts = np.array(["" if v is None else str(v) for v in values], dtype=object)
+    hashed = pd.util.hash_array(texts) % np.uint64(buckets)
+    return np.where(np.array([v is None for v in values], dtype=bool), missing, hashed.astype(np.int64) + 1)
+
+
+def _element(i: int, name: str, value: Any) -> str | int | None:
+    """A list element as the vocabulary reads it: a string, an integer (a whole float is its
+    integer, as in the encoder) or None (missing); RequestError for any other value."""
+    if type(value) in SPARSE_TYPES:
+        return value
+    if type(value) is float and value.is_integer() and abs(value) < EXACT_FLOATS:
+        return int(value)
+    shown = repr(value) if type(value) is float else _json_type(value)
+    raise RequestError(422, f"row {i}: list feature {name!r} holds {shown}; its elements must be strings or "
+                            "integers (null: missing)")
+
+
+def _weighted_element(i: int, name: str, separator: str, value: Any) -> tuple[str, float]:
+    """'drama:0.7' -> ('drama', 0.7), as the encoder splits an element with its weight inline."""
+    category, found, weight = value.rpartition(separator) if type(value) is str else ("", "", "")
+    number = _finite_number(weight) if found else math.nan
+    if not abs(number) <= FLOAT32_MAX:
+        shown = repr(value) if type(value) is str else _json_type(value)
+        raise RequestError(422, f"row {i}: list feature {name!r} holds {shown}; its elements must be strings "
+                                f"with their weight after {separator!r} (e.g. 'drama{separator}0.7')")
+    return category, number
+
+
+def _weights(i: int, name: str, column: str, cell: Any, count: int) -> list[float]:
+    """The element weights of one row's list of `count` elements: numbers float32 holds (null: none)."""
+    values = [] if cell is None else cell
+    if type(values) is not list:
+        problem = f"not {_json_type(cell)}"
+    elif len(values) != count:
+        problem = f"not {len(values)}"
+    else:
+        bad = [w for w in values if type(w) not in (int, float) or not abs(_finite_number(w)) <= FLOAT32_MAX]
+        if not bad:
+            return values
+        problem = f"not {bad[0]!r}" if type(bad[0]) is float else f"not {_json_type(bad[0])}"
+    raise RequestError(422, f"row {i}: {column!r}, the element weights of list feature {name!r}, must be an "
+                            f"array of {count} finite numbers, one per element; {problem}")
 
 
 def _parse_json_slowly(body: bytes) -> Any:
@@ -345,21 +452,28 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _probe_inputs(trained: TrainedModel, rows: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded encoded inputs over the whole vocabularies, to compare two scorers."""
+def _probe_inputs(schema: Schema, rows: int = 64) -> tuple[np.ndarray, ...]:
+    """Seeded encoded inputs over the whole vocabularies, to compare two scorers: ids, dense and
+    the lists' inputs (`Scorer.encode`'s), lists of up to twice max_length with missing elements."""
     rng = np.random.default_rng(0)
-    schema = trained.schema
-    ids = np.stack([rng.integers(0, f.vocab_size, rows) for f in schema.sparse], axis=1) if schema.sparse \
+    ids = np.stack([rng.integers(0, f.vocab_size, rows) for f in schema.singles], axis=1) if schema.singles \
         else np.zeros((rows, 0), dtype=np.int64)
     dense = rng.normal(size=(rows, len(schema.dense))).astype(np.float32)
-    return ids.astype(np.int64), dense
+    lists = []
+    for f in schema.lists:
+        lengths = rng.integers(0, 2 * (f.max_length or 4) + 1, rows)
+        lists += [rng.integers(MISSING, f.vocab_size, lengths.sum()), lengths]
+        lists += [rng.uniform(0, 2, lengths.sum()).astype(np.float32)] if weighted(f) else []
+    return ids.astype(np.int64), dense, *lists
 
 
-def _feed(session, ids: np.ndarray, dense: np.ndarray) -> dict[str, np.ndarray]:
-    return {i.name: ids if i.name == "ids" else dense for i in session.get_inputs()}
+def _feed(session, ids: np.ndarray, dense: np.ndarray, lists: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The core session's inputs by name (lists: by `list_input_names`)."""
+    arrays = {"ids": ids, "dense_scaled": dense} | lists
+    return {i.name: arrays[i.name] for i in session.get_inputs()}
 
 
-def _onnx_session(trained: TrainedModel, model_dir: str | Path | None, probe: tuple[np.ndarray, np.ndarray]):
+def _onnx_session(trained: TrainedModel, schema: Schema, model_dir: str | Path | None, probe: tuple[np.ndarray, ...]):
     """An ONNX Runtime session of the exported model's scoring core (encoded inputs ->
     predictions): from the folder's model.onnx when it gives the weights' predictions on a
     probe, else from a fresh export. ValueError when neither does."""
@@ -368,19 +482,19 @@ def _onnx_session(trained: TrainedModel, model_dir: str | Path | None, probe: tu
 
     from mtlrec.export import export_onnx
 
-    expected = torch_outputs(trained, *probe)[0]
+    expected = torch_outputs(trained, schema, *probe)[0]
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1  # parallel over requests and workers
     saved = Path(model_dir) / ONNX_FILE if model_dir is not None else None
     problems = []
     with tempfile.TemporaryDirectory() as scratch:
         for path in [saved] if saved is not None and saved.exists() else []:
-            session, problem = _core_session(onnx, onnxruntime, options, path, probe, expected)
+            session, problem = _core_session(onnx, onnxruntime, options, path, schema, probe, expected)
             if session is not None:
                 return session
             problems.append(f"{ONNX_FILE} in the model folder: {problem}")
         fresh = export_onnx(trained, Path(scratch) / ONNX_FILE)
-        session, problem = _core_session(onnx, onnxruntime, options, fresh, probe, expected)
+        session, problem = _core_session(onnx, onnxruntime, options, fresh, schema, probe, expected)
         if session is not None:
             if problems:
                 log.warning("mtlrec serve: %s; serving a fresh export", problems[0])
@@ -388,16 +502,15 @@ def _onnx_session(trained: TrainedModel, model_dir: str | Path | None, probe: tu
     raise ValueError("; ".join(problems + [f"fresh export: {problem}"]))
 
 
-def _core_session(onnx, onnxruntime, options, path: Path, probe, expected: np.ndarray):
-    """(session, None) for the exported graph's part from encoded inputs to predictions, or (None, why)."""
+def _core_session(onnx, onnxruntime, options, path: Path, schema: Schema, probe, expected: np.ndarray):
+    """(session, None) for the exported graph's part from encoded inputs to predictions
+    (`mtlrec.export.encoded_part`), or (None, why)."""
+    list_inputs = [name for f in schema.lists for name in list_input_names(f)]
     try:
-        graph = onnx.load(str(path))
-        produced = {name for node in graph.graph.node for name in node.output}
-        inputs = [name for name in ("ids", "dense_scaled") if name in produced]
-        core = onnx.utils.Extractor(graph).extract_model(inputs, ["predictions"])
+        core = encoded_part(onnx.load(str(path)), schema)
         session = onnxruntime.InferenceSession(core.SerializeToString(), options,
                                                providers=["CPUExecutionProvider"])
-        got = session.run(None, _feed(session, *probe))[0]
+        got = session.run(None, _feed(session, probe[0], probe[1], dict(zip(list_inputs, probe[2:]))))[0]
     except Exception as err:  # noqa: BLE001 - any failure means: not this file
         return None, f"cannot be read as an mtlrec export ({type(err).__name__}: {err})"
     if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-4, atol=1e-5):
@@ -523,7 +636,8 @@ def create_app(model_dir: str | Path, max_rows: int = 10_000, max_bytes: int = 8
     @api.get("/health")
     def health() -> dict:
         return {"status": "ok", "model": trained.config.model.name, "tasks": trained.schema.task_names,
-                "features": {"sparse": scorer.sparse, "dense": scorer.dense}, "backend": scorer.backend}
+                "features": {"sparse": scorer.sparse, "lists": [f.name for f in scorer.lists], "dense": scorer.dense},
+                "backend": scorer.backend}
 
     service = ScoringService(api, scorer, max_bytes, max_in_flight, timeout_s)
     return service
