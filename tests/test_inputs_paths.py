@@ -138,3 +138,30 @@ def test_two_processes_with_lists_train_like_one(tmp_path):
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["test"]
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())["test"]
     assert m2["auc/click"] == pytest.approx(m1["auc/click"], abs=1e-4)
+
+
+def test_a_run_with_lists_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from test_reliability import interrupted_run
+
+    raw = files_config(tmp_path)
+    raw["train"] |= {"epochs": 3, "checkpoint_every": 10}
+    whole = run_experiment(load_config(raw), tmp_path / "whole")
+    interrupted_run(raw, tmp_path / "m", monkeypatch)  # stopped in epoch 2
+    resumed = run_experiment(load_config(raw), tmp_path / "m", resume=True)
+    for name, value in whole.trained.model.state_dict().items():
+        assert torch.equal(value, resumed.trained.model.state_dict()[name]), name
+
+
+def test_rank_and_analyze_read_lists(tmp_path):
+    raw = files_config(tmp_path)
+    raw["model"] = {"name": "mmoe", "num_experts": 3, "expert_hidden": [8]}
+    raw["train"]["epochs"] = 1
+    run_experiment(load_config(raw), tmp_path / "m")
+    test = raw["data"]["test"]
+    assert main(["rank", str(tmp_path / "m"), test, "--group-by", "user", "--out", str(tmp_path / "top.csv")]) == 0
+    top = pd.read_csv(tmp_path / "top.csv")
+    assert len(top) > 0 and top.groupby("user").size().max() <= 10
+    assert main(["analyze", str(tmp_path / "m"), test, "--out", str(tmp_path / "a")]) == 0
+    usage = pd.read_csv(tmp_path / "a" / "utilisation.csv")
+    assert sorted(usage["gate"].unique()) == ["gate/click", "gate/like"]
+    np.testing.assert_allclose(usage.groupby("gate")["weight"].sum(), 1.0, rtol=1e-5)  # mean gate weights
