@@ -1,4 +1,4 @@
-"""`mtlrec train | evaluate | predict | bench | sweep | analyze | report | rank | export | serve | models`."""
+"""`mtlrec train | evaluate | predict | bench | sweep | analyze | report | rank | export | serve | models | plan`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from mtlrec import models
 from mtlrec.config import ConfigError, load_config
 from mtlrec.data import DataError, read_table, write_table
 from mtlrec.folders import partial_folder
+from mtlrec.plan import add_plan_arguments, cli_plan
 from mtlrec.train import distributed
 from mtlrec.train.checkpoint import has_checkpoint
 from mtlrec.train.trainer import NonFiniteLoss
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ONNX Runtime where it can serve the model, else torch")
 
     commands.add_parser("models", help="list the models and their options")
+    planner = commands.add_parser("plan", help="TorchRec's sharding plan for the config's tables: a dry run, no GPU needed")
+    add_plan_arguments(planner)
     return parser
 
 
@@ -272,7 +275,7 @@ def _print_metrics(metrics: dict) -> None:
 
 COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "bench": _bench, "sweep": _sweep,
             "analyze": _analyze, "report": _report, "rank": _rank, "export": _export,
-            "serve": _serve, "models": _models}
+            "serve": _serve, "models": _models, "plan": cli_plan}
 
 if __name__ == "__main__":
     sys.exit(main())
