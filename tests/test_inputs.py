@@ -342,3 +342,12 @@ def test_printed_python_lists_in_csv_are_an_error_and_write_table_joins_lists(tm
         Encoder(one_list_schema()).fit(read_table(tmp_path / "printed.csv"))
     write_table(table, tmp_path / "joined.csv")
     assert read_table(tmp_path / "joined.csv")["seen"].tolist()[:2] == ["1|2", "3"]
+
+
+def test_a_weighted_mean_whose_weights_sum_to_zero_pools_to_zero_with_finite_gradients():
+    table = torch.randn(5, 3, requires_grad=True)
+    j = Jagged.from_lists([[1, 2], [3]], [[0.0, 0.0], [2.0]])
+    out = pool(table, j.values, j.offsets, "mean", j.weights)
+    assert torch.equal(out[0], torch.zeros(3))
+    out.sum().backward()
+    assert torch.isfinite(table.grad).all()

@@ -38,7 +38,8 @@ def pool(table: Tensor, ids: Tensor, offsets: Tensor, mode: str, weights: Tensor
         return pooled
     running = torch.cat([weights.new_zeros(1, dtype=torch.float64), weights.double().cumsum(0)])
     totals = (running.index_select(0, offsets[1:]) - running.index_select(0, offsets[:-1])).to(pooled.dtype)
-    return torch.where(totals[:, None] != 0, pooled / totals[:, None], 0.0)
+    nonzero = totals != 0  # a list whose weights sum to 0 pools to 0, with finite gradients (no 0 / 0)
+    return pooled * (nonzero / torch.where(nonzero, totals, 1.0))[:, None]
 
 
 class TargetAttention(nn.Module):
