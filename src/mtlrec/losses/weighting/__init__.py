@@ -5,7 +5,8 @@ A new method is one file here with a `Weighting` subclass and `@register_weighti
 in the import line below (which sets the order `mtlrec` lists them in).
 """
 
-# isort: off  (each module registers its method; this order is the listing order)
+# each module registers its method; this order is the listing order
+# isort: off
 from mtlrec.losses.weighting import fixed, uncertainty, learnable, decay, dwa  # noqa: F401  loss weights
 from mtlrec.losses.weighting import gradnorm, pcgrad, mgda, cagrad, nash_mtl, imtl  # noqa: F401  gradient methods
 from mtlrec.losses.weighting import gradvac, graddrop, aligned_mtl, fairgrad, metabalance, pe_ltr  # noqa: F401

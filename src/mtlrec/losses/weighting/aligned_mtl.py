@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting
-from mtlrec.train.gradients import SharedParameters, write_gradient
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    WeightingOptions,
+    register_weighting,
+)
+from mtlrec.train.gradients import SharedParameters
 
 
 @register_weighting("aligned_mtl")
-class AlignedMTL(Weighting):
+class AlignedMTL(GradientMethod):
     """Aligned-MTL (Senushkin, Patakin, Kuznetsov & Konushin, "Independent Component Alignment
     for Multi-Task Learning", CVPR 2023).
 
@@ -42,17 +45,15 @@ class AlignedMTL(Weighting):
             1e-10, gt=0.0, lt=1.0, description="eigenvalues of G^T G at or below this fraction of the largest "
                                                "count as zero (their directions are dropped)")
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
-        shared = SharedParameters.of(shared)
-        if not shared.params:
-            return super().backward(losses, shared, extra)
-        grads = shared.task_gradients(losses)  # [T, P] = G^T, raw losses, task-owned entries 0
+    def task_losses(self, losses: Tensor) -> Tensor:
+        """The raw losses: `combine` gets G^T `[T, P]`, not scaled by the config weights."""
+        return losses
+
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
         alignment = align_gradients(grads, self.options.min_eigenvalue_ratio)  # B
-        weights = super().backward(losses, shared, extra)
-        update_weights = alignment @ weights  # B w
-        write_gradient(update_weights @ grads - weights @ grads, shared.params, add=True)
-        return update_weights
+        update_weights = alignment @ self.base  # B w
+        # G (B w) replaces the plain update G w
+        return Combined(update_weights @ grads, update_weights, plain=self.base @ grads)
 
 
 def align_gradients(grads: Tensor, min_eigenvalue_ratio: float = 1e-10) -> Tensor:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    WeightingOptions,
+    register_weighting,
+)
 from mtlrec.losses.weighting.mgda import tasks_with_gradient
-from mtlrec.train.gradients import SharedParameters, write_gradient
+from mtlrec.train.gradients import SharedParameters
 
 
 @register_weighting("cagrad")
-class CAGrad(Weighting):
+class CAGrad(GradientMethod):
     """Conflict-Averse Gradient Descent (Liu et al., "Conflict-Averse Gradient Descent for
     Multi-task Learning", NeurIPS 2021).
 
@@ -43,10 +47,7 @@ class CAGrad(Weighting):
                          "its norm (0: the average gradient)")
         rescale: bool = Field(True, description="divide the update by 1 + c^2, as the authors' code does")
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
-        shared = SharedParameters.of(shared)
-        grads = shared.task_gradients(self.base * losses)  # [T, P], task-owned entries 0
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
         gram = (grads @ grads.T).detach().double().cpu()
         active = tasks_with_gradient(gram)  # a task without labelled rows has no gradient: left out
         combination = torch.zeros(self.num_tasks, dtype=torch.float64)  # d = combination @ grads
@@ -55,9 +56,7 @@ class CAGrad(Weighting):
         c = self.options.c
         scale = int(active.sum()) / (1 + c * c if self.options.rescale else 1)
         coefficients = (scale * combination).to(grads)
-        super().backward(losses, shared, extra)  # every .grad: the plain weighted sum
-        write_gradient(coefficients @ grads - grads.sum(0), shared.params, add=True)
-        return coefficients.detach() * self.base
+        return Combined(coefficients @ grads, coefficients.detach() * self.base)  # T d / (1 + c^2)
 
 
 def conflict_averse_weights(gram: Tensor, c: float, max_iter: int = 500, tol: float = 1e-10) -> Tensor:

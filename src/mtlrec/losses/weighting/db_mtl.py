@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    WeightingOptions,
+    register_weighting,
+)
 from mtlrec.tasks import TaskSet
-from mtlrec.train.gradients import SharedParameters, write_gradient
+from mtlrec.train.gradients import SharedParameters
 
 EPS = 1e-8  # in log(L_k + eps), as the authors' code; and the floor under a gradient norm
 
 
 @register_weighting("db_mtl")
-class DBMTL(Weighting):
+class DBMTL(GradientMethod):
     """Dual-Balancing Multi-Task Learning (Lin, Ye, Xu, Zhang & Kwok, "Dual-Balancing for
     Multi-Task Learning", arXiv:2308.12029, 2023).
 
@@ -52,21 +55,18 @@ class DBMTL(Weighting):
         """c_k / L_k `[T]`: the weights whose weighted sum has the gradient of sum_k c_k log L_k."""
         return self.base / (losses.detach() + EPS)
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
-        shared = SharedParameters.of(shared)
-        if not shared.params:
-            return super().backward(losses, shared, extra)
-        grads = shared.task_gradients(self.base * torch.log(losses + EPS))  # [T, P]
-        scale_free = super().backward(losses, shared, extra)  # every .grad: grad of sum_k c_k log L_k
+    def task_losses(self, losses: Tensor) -> Tensor:
+        """c_k log(L_k + eps): the plain update (weights c_k / L_k) is the sum of their gradients."""
+        return self.base * torch.log(losses + EPS)
+
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
         if self.grad_average.shape != grads.shape:
             self.grad_average = torch.zeros_like(grads)
-        beta_t = self.options.beta / self.steps.to(grads.dtype) ** self.options.beta_sigma  # t = steps
+        step = self.steps + 1  # t: this step, counted from 1 (`steps` counts the steps before it)
+        beta_t = self.options.beta / step.to(grads.dtype) ** self.options.beta_sigma
         self.grad_average.lerp_(grads.detach(), 1 - beta_t)  # beta_t G + (1 - beta_t) g
         alpha = magnitude_scales(self.grad_average)
-        direction = alpha @ self.grad_average
-        write_gradient(direction - grads.sum(0), shared.params, add=True)
-        return alpha * scale_free
+        return Combined(alpha @ self.grad_average, alpha * self.weights(losses))  # weights alpha_k c_k / L_k
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "grad_average")

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting
-from mtlrec.train.gradients import SharedParameters, write_gradient
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    WeightingOptions,
+    register_weighting,
+)
+from mtlrec.train.gradients import SharedParameters
 
 
 @register_weighting("fairgrad")
-class FairGrad(Weighting):
+class FairGrad(GradientMethod):
     """FairGrad (Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024).
 
     The update d `[P]` maximises the alpha-fair utility of the tasks' improvements g_k . d,
@@ -40,20 +43,15 @@ class FairGrad(Weighting):
                              "favours the worse-off task more (max-min as alpha grows)")
         max_norm: float = Field(0.0, ge=0, description="clip the shared update to this norm (0: no clipping)")
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
-        """`losses [T]`; returns the coefficients `[T]` of the shared update on each loss."""
-        shared = SharedParameters.of(shared)
-        grads = shared.task_gradients(self.base * losses)  # [T, P], task-owned entries 0
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+        """d = G c (clipped); weights c_k w_k, its coefficient on each loss."""
         coefficients = fair_weights(grads @ grads.T, self.options.alpha).to(grads)
         direction = coefficients @ grads
         norm = float(direction.norm())
         if self.options.max_norm > 0 and norm > self.options.max_norm:
             coefficients = coefficients * (self.options.max_norm / norm)
             direction = coefficients @ grads
-        super().backward(losses, shared, extra)  # every .grad: the plain weighted sum
-        write_gradient(direction - grads.sum(0), shared.params, add=True)
-        return coefficients.detach() * self.base
+        return Combined(direction, coefficients.detach() * self.base)
 
 
 def fair_weights(gram: Tensor, alpha: float = 1.0, max_iter: int = 100, tol: float = 1e-13) -> Tensor:

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Annotated
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting, step_generator
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    WeightingOptions,
+    register_weighting,
+    step_generator,
+)
 from mtlrec.tasks import TaskSet
-from mtlrec.train.gradients import SharedParameters, write_gradient
+from mtlrec.train.gradients import SharedParameters
 
 Leak = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 @register_weighting("graddrop")
-class GradDrop(Weighting):
+class GradDrop(GradientMethod):
     """Gradient sign dropout (Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models
     with Gradient Sign Dropout", NeurIPS 2020).
 
@@ -57,17 +62,9 @@ class GradDrop(Weighting):
             raise ValueError(f"graddrop leak has {len(leaks)} values for {self.num_tasks} tasks")
         self.register_buffer("leak", torch.tensor(leaks, dtype=torch.float32))
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
-        shared = SharedParameters.of(shared)
-        if not shared.params:
-            return super().backward(losses, shared, extra)
-        grads = shared.task_gradients(self.base * losses)  # [T, P], task-owned entries 0
-        uniform = uniform_draws(self.options.seed, int(self.steps), grads.shape[1], grads.device, grads.dtype)
-        direction = drop_signs(grads, uniform, self.leak.to(grads.dtype))
-        weights = super().backward(losses, shared, extra)
-        write_gradient(direction - grads.sum(0), shared.params, add=True)
-        return weights
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+        uniform = uniform_draws(self.options.seed, int(self.steps), grads.shape[1], grads.device, grads.dtype)  # U
+        return Combined(drop_signs(grads, uniform, self.leak.to(grads.dtype)))  # the config weights are returned
 
 
 def uniform_draws(seed: int, step: int, size: int, device: torch.device | str = "cpu",

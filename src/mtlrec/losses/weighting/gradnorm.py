@@ -24,6 +24,8 @@ class GradNorm(Weighting):
     gradient of L_grad needs no second-order terms. The model itself trains on sum_k w_k L_k.
     """
 
+    needs_task_gradients = True
+
     class Options(WeightingOptions):
         alpha: float = Field(1.5, description="asymmetry (>= 0): how strongly slow tasks are pulled up")
 

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting, step_generator
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    WeightingOptions,
+    register_weighting,
+    step_generator,
+)
 from mtlrec.tasks import TaskSet
-from mtlrec.train.gradients import SharedParameters, write_gradient
+from mtlrec.train.gradients import SharedParameters
 
 
 @register_weighting("gradvac")
-class GradVac(Weighting):
+class GradVac(GradientMethod):
     """Gradient Vaccine (Wang, Tsvetkov, Firat & Cao, "Gradient Vaccine: Investigating and
     Improving Multi-task Optimization in Massively Multilingual Models", ICLR 2021).
 
@@ -51,18 +56,11 @@ class GradVac(Weighting):
         super().__init__(tasks, options)
         self.register_buffer("targets", torch.zeros(self.num_tasks, self.num_tasks))  # phi_ij
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
-        shared = SharedParameters.of(shared)
-        if not shared.params:
-            return super().backward(losses, shared, extra)
-        grads = shared.task_gradients(self.base * losses)  # [T, P], task-owned entries 0
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
         order = step_generator(self.options.seed, int(self.steps))  # on the CPU: T draws
-        coefficients = vaccinate(grads, self.targets, self.options.beta, order)
-        weights = super().backward(losses, shared, extra)
+        coefficients = vaccinate(grads, self.targets, self.options.beta, order)  # g_i' = sum_k C_ik g_k
         multipliers = coefficients.sum(0)  # sum_i g_i' = multipliers @ grads
-        write_gradient(multipliers @ grads - grads.sum(0), shared.params, add=True)
-        return multipliers * weights
+        return Combined(multipliers @ grads, multipliers * self.base)
 
 
 @torch.no_grad()

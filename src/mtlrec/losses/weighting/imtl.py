@@ -9,13 +9,19 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    Weighting,
+    WeightingOptions,
+    register_weighting,
+)
 from mtlrec.tasks import TaskSet
-from mtlrec.train.gradients import SharedParameters, write_gradient
+from mtlrec.train.gradients import SharedParameters
 
 
 @register_weighting("imtl")
-class IMTL(Weighting):
+class IMTL(GradientMethod):
     """Impartial multi-task learning (Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021).
 
     IMTL-L (`mode: loss`), loss balance: each task learns a scale s_k and trains on
@@ -71,19 +77,21 @@ class IMTL(Weighting):
 
     def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
                  extra: Tensor | None = None) -> Tensor:
-        shared = SharedParameters.of(shared)
         if self.balance_losses and bool((losses.detach() <= 0).any()):
             k = int(torch.argmax((losses.detach() <= 0).int()))
             raise ValueError(f"imtl loss balancing (mode {self.options.mode!r}) needs positive losses, but task "
                              f"{self.task_names[k]!r} has loss {float(losses[k]):.4g}; use mode 'gradient'")
-        if not (self.balance_gradients and shared.params):
-            return super().backward(losses, shared, extra)
-        scales = self.weights(losses).detach()
-        grads = shared.task_gradients(scales * losses)  # [T, P], task-owned entries 0
+        if not self.balance_gradients:  # IMTL-L alone: the scaled losses' plain sum
+            return Weighting.backward(self, losses, shared, extra)
+        return super().backward(losses, shared, extra)
+
+    def task_losses(self, losses: Tensor) -> Tensor:
+        """c_k L_k: the config-weighted losses, also scaled by e^{s_k} with IMTL-L."""
+        return self.weights(losses).detach() * losses
+
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
         alpha = impartial_weights(grads)
-        super().backward(losses, shared, extra)
-        write_gradient(alpha @ grads - grads.sum(0), shared.params, add=True)
-        return alpha * scales
+        return Combined(alpha @ grads, alpha * self.weights(losses).detach())  # weights alpha_k c_k
 
 
 def impartial_weights(grads: Tensor) -> Tensor:

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    WeightingOptions,
+    register_weighting,
+)
 from mtlrec.tasks import TaskSet
-from mtlrec.train.gradients import SharedParameters, write_gradient
+from mtlrec.train.gradients import SharedParameters
 
 
 @register_weighting("metabalance")
-class MetaBalance(Weighting):
+class MetaBalance(GradientMethod):
     """MetaBalance (He et al., "MetaBalance: Improving Multi-Task Recommendations via Adapting
     Gradient Magnitudes of Auxiliary Tasks", WWW 2022).
 
@@ -58,11 +62,8 @@ class MetaBalance(Weighting):
         self.target = target
         self.register_buffer("norm_averages", torch.zeros(self.num_tasks, 0))
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
-        """`losses [T]`; returns `[T]`: w_k times each task's mean scale over the shared tensors."""
-        shared = SharedParameters.of(shared)
-        grads = shared.task_gradients(self.base * losses)  # [T, P], task-owned entries 0
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+        """update_j per shared tensor j; weights w_k times each task's mean scale over the tensors."""
         sizes = [p.numel() for p in shared.params]
         norms = torch.stack([part.norm(dim=1) for part in grads.detach().split(sizes, dim=1)], 1)  # [T, J]
         if self.norm_averages.shape != norms.shape:
@@ -71,10 +72,7 @@ class MetaBalance(Weighting):
         self.norm_averages.mul_(beta).add_((1 - beta) * norms.to(self.norm_averages))
         scales = self.tensor_scales().to(grads)  # [T, J]
         per_entry = torch.repeat_interleave(scales, torch.tensor(sizes, device=grads.device), dim=1)  # [T, P]
-        direction = (per_entry * grads).sum(0)
-        super().backward(losses, shared, extra)  # every .grad: the plain weighted sum
-        write_gradient(direction - grads.sum(0), shared.params, add=True)
-        return scales.mean(1).detach() * self.base if scales.shape[1] else self.base.clone()
+        return Combined((per_entry * grads).sum(0), scales.mean(1).detach() * self.base)
 
     def tensor_scales(self) -> Tensor:
         """`[T, J]`: r m_target / m_k + 1 - r for auxiliary tasks (1 where m_k = 0), 1 for the target."""

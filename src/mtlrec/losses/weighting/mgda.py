@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting
-from mtlrec.train.gradients import SharedParameters, flat_gradient, write_gradient
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    SharedUpdate,
+    WeightingOptions,
+    register_weighting,
+)
+from mtlrec.train.gradients import SharedParameters, flat_gradient
 
 
 @register_weighting("mgda")
-class MGDA(Weighting):
+class MGDA(GradientMethod):
     """Multiple gradient descent (Sener & Koltun, "Multi-Task Learning as Multi-Objective
     Optimization", NeurIPS 2018).
 
@@ -51,35 +56,36 @@ class MGDA(Weighting):
             "none", description="how task gradients are normalised before the min-norm solve (the update "
             "uses them unnormalised)")
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter], extra: Tensor | None = None,
-                 representation: Tensor | None = None) -> Tensor:
-        """`losses [T]`; `representation`: the shared encoder output (MGDA-UB only). Returns `[T]`."""
-        shared = SharedParameters.of(shared)
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+        coefficients = self.coefficients(grads @ grads.T, losses)  # T alpha
+        return Combined(coefficients @ grads, coefficients.detach() * self.base)  # T d
+
+    def update(self, losses: Tensor, shared: SharedParameters, representation: Tensor | None = None) -> SharedUpdate:
+        """`representation`: the shared encoder output Z (MGDA-UB only; `backward` passes it on)."""
+        if not self.options.upper_bound:
+            return super().update(losses, shared)  # alpha from the task gradients: `combine`
+        if representation is None:
+            raise ValueError("mgda upper_bound (MGDA-UB) needs the shared representation: call "
+                             "backward(losses, shared, extra, representation=Z); the trainer does not pass one")
         weighted = self.base * losses
-        if self.options.upper_bound:
-            if representation is None:
-                raise ValueError("mgda upper_bound (MGDA-UB) needs the shared representation: call "
-                                 "backward(losses, shared, extra, representation=Z); the trainer does not pass one")
-            solve_on = torch.stack([torch.autograd.grad(loss, representation, retain_graph=True)[0].reshape(-1)
-                                    for loss in weighted])  # [T, B * H]
-        else:
-            grads = shared.task_gradients(weighted)  # [T, P], task-owned entries 0
-            solve_on = grads
-        gram = (solve_on @ solve_on.T).detach().double().cpu()
+        on_representation = torch.stack([torch.autograd.grad(loss, representation, retain_graph=True)[0].reshape(-1)
+                                         for loss in weighted])  # [T, B * H]
+        coefficients = self.coefficients(on_representation @ on_representation.T, losses)
+        # one backward pass gives the change on the shared entries: sum_k (coef_k - 1) g_k
+        change = shared_gradient(((coefficients - 1) * weighted).sum(), shared)
+        return SharedUpdate(change, coefficients.detach() * self.base)
+
+    def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
+        """T alpha `[T]` (T: the tasks with a gradient) from the Gram matrix `[T, T]` of the
+        gradients to solve on and the raw losses `[T]`: the shared update is sum_k T alpha_k g_k."""
+        gram = gram.detach().double().cpu()
         active = tasks_with_gradient(gram)  # a task without labelled rows has no gradient: left out
         alpha = torch.zeros(self.num_tasks, dtype=torch.float64)
         if bool(active.any()):
-            alpha[active] = min_norm_weights(normalized_gram(gram[active][:, active],
-                                                             weighted.detach().cpu()[active], self.options.normalize))
-        coefficients = int(active.sum()) * alpha.to(losses)  # the shared update: sum_k coefficients_k g_k
-        if self.options.upper_bound:
-            # one backward pass gives the change on the shared entries: sum_k (coef_k - 1) g_k
-            change = shared_gradient(((coefficients - 1) * weighted).sum(), shared)
-        else:
-            change = coefficients @ grads - grads.sum(0)
-        super().backward(losses, shared, extra)  # every .grad: the plain weighted sum
-        write_gradient(change, shared.params, add=True)
-        return coefficients.detach() * self.base
+            weighted = (self.base * losses).detach().cpu()
+            alpha[active] = min_norm_weights(normalized_gram(gram[active][:, active], weighted[active],
+                                                             self.options.normalize))
+        return int(active.sum()) * alpha.to(losses)
 
 
 def shared_gradient(loss: Tensor, shared: SharedParameters) -> Tensor:

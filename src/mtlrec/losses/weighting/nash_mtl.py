@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    SharedUpdate,
+    WeightingOptions,
+    register_weighting,
+)
 from mtlrec.losses.weighting.mgda import shared_gradient
 from mtlrec.tasks import TaskSet
-from mtlrec.train.gradients import SharedParameters, write_gradient
+from mtlrec.train.gradients import SharedParameters
 
 
 @register_weighting("nash_mtl")
-class NashMTL(Weighting):
+class NashMTL(GradientMethod):
     """Nash-MTL (Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022).
 
     With G = [g_1 .. g_T] the gradients `[P]` of w_k L_k (w_k the config weight) on the shared
@@ -50,26 +54,29 @@ class NashMTL(Weighting):
         super().__init__(tasks, options)
         self.register_buffer("alpha", torch.ones(self.num_tasks))
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
-        shared = SharedParameters.of(shared)
-        weighted = self.base * losses
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+        """A step that solves for alpha: d = G alpha from the task gradients."""
+        self.alpha.copy_(nash_weights(grads @ grads.T).to(self.alpha))
+        alpha = self.alpha.to(grads)
+        return self.clipped(alpha, alpha @ grads)
+
+    def update(self, losses: Tensor, shared: SharedParameters) -> SharedUpdate:
         if int(self.steps) % self.options.update_every == 0:
-            grads = shared.task_gradients(weighted)  # [T, P], task-owned entries 0
-            self.alpha.copy_(nash_weights(grads @ grads.T).to(self.alpha))
-            alpha = self.alpha.to(grads)
-            plain, direction = grads.sum(0), alpha @ grads
-        else:
-            alpha = self.alpha.to(losses)
-            plain = shared_gradient(weighted.sum(), shared)
-            direction = shared_gradient((alpha * weighted).sum(), shared)
+            return super().update(losses, shared)  # T task gradients: `combine`
+        # reuse alpha: two backward passes give the plain update and d = sum_k alpha_k g_k
+        weighted = self.base * losses
+        alpha = self.alpha.to(losses)
+        plain = shared_gradient(weighted.sum(), shared)
+        clipped = self.clipped(alpha, shared_gradient((alpha * weighted).sum(), shared))
+        return SharedUpdate(clipped.direction - plain, clipped.weights)
+
+    def clipped(self, alpha: Tensor, direction: Tensor) -> Combined:
+        """d `[P]` with its norm clipped to `max_norm`, and the weights (scaled alpha_k) w_k."""
         scale = 1.0
         norm = float(direction.norm())
         if self.options.max_norm > 0 and norm > self.options.max_norm:
             scale = self.options.max_norm / norm
-        super().backward(losses, shared, extra)  # every .grad: the plain weighted sum
-        write_gradient(scale * direction - plain, shared.params, add=True)
-        return (scale * alpha).detach() * self.base
+        return Combined(scale * direction, (scale * alpha).detach() * self.base)
 
 
 def nash_weights(gram: Tensor, max_iter: int = 100, tol: float = 1e-20) -> Tensor:

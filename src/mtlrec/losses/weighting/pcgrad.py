@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting, step_generator
-from mtlrec.train.gradients import SharedParameters, write_gradient
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    WeightingOptions,
+    register_weighting,
+    step_generator,
+)
+from mtlrec.train.gradients import SharedParameters
 
 
 @register_weighting("pcgrad")
-class PCGrad(Weighting):
+class PCGrad(GradientMethod):
     """Gradient surgery (Yu et al., NeurIPS 2020).
 
     On the shared parameters, each task's gradient g_k is projected, in a random order of the
@@ -27,14 +31,9 @@ class PCGrad(Weighting):
     class Options(WeightingOptions):
         seed: int = Field(0, description="seeds the random order of the projections")
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter], extra: Tensor | None = None) -> Tensor:
-        shared = SharedParameters.of(shared)
-        grads = shared.task_gradients(self.base * losses)  # [T, P], task-owned entries 0
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
         order = step_generator(self.options.seed, int(self.steps))
-        weights = super().backward(losses, shared, extra)
-        # the projection changes shared entries only: task-owned ones keep their own gradient
-        write_gradient(project_conflicts(grads, order) - grads.sum(0), shared.params, add=True)
-        return weights
+        return Combined(project_conflicts(grads, order))  # the config weights are returned
 
 
 def project_conflicts(grads: Tensor, generator: torch.Generator) -> Tensor:

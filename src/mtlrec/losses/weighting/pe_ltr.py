@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from pydantic import Field, field_validator
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting
+from mtlrec.losses.weighting.base import (
+    Combined,
+    GradientMethod,
+    WeightingOptions,
+    register_weighting,
+)
 from mtlrec.losses.weighting.mgda import min_norm_weights, tasks_with_gradient
 from mtlrec.tasks import TaskSet
-from mtlrec.train.gradients import SharedParameters, write_gradient
+from mtlrec.train.gradients import SharedParameters
 
 
 @register_weighting("pe_ltr")
-class PELTR(Weighting):
+class PELTR(GradientMethod):
     """PE-LTR (Lin et al., "A Pareto-Efficient Algorithm for Multiple Objective Optimization in
     E-Commerce Recommendation", RecSys 2019).
 
@@ -65,11 +68,8 @@ class PELTR(Weighting):
             raise ValueError(f"weighting 'pe_ltr' option bounds: sum {float(lower.sum())} > 1 over {self.num_tasks} tasks")
         self.register_buffer("lower_bounds", lower.float())
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
-        """`losses [T]`; returns `[T]`: T v_k w_k, the shared update's coefficient on each L_k."""
-        shared = SharedParameters.of(shared)
-        grads = shared.task_gradients(self.base * losses)  # [T, P], task-owned entries 0
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+        """The update T sum_k v_k g_k; weights T v_k w_k, its coefficient on each L_k."""
         gram = (grads @ grads.T).detach().double().cpu()
         active = tasks_with_gradient(gram)
         lower = self.lower_bounds.detach().double().cpu()
@@ -78,9 +78,7 @@ class PELTR(Weighting):
             spare = 1.0 - float(lower.sum())  # shared among the tasks with a gradient
             weights[active] = bounded_min_norm_weights(gram[active][:, active], lower[active], spare)
         coefficients = int(active.sum()) * weights.to(grads)
-        super().backward(losses, shared, extra)  # every .grad: the plain weighted sum
-        write_gradient(coefficients @ grads - grads.sum(0), shared.params, add=True)
-        return coefficients.detach() * self.base
+        return Combined(coefficients @ grads, coefficients.detach() * self.base)
 
 
 def bounded_min_norm_weights(gram: Tensor, lower: Tensor, spare: float | None = None) -> Tensor:
