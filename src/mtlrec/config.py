@@ -122,6 +122,15 @@ class TrainConfig(ConfigBlock):
     checkpoint_every: int | None = Field(
         None, ge=1, description="write a resumable checkpoint every N steps (and at each epoch's end)"
     )
+    embedding_tables: Literal["plain", "fused"] = Field(
+        "plain", description="plain: tables are model parameters; fused: TorchRec / fbgemm tables updated inside the "
+                             "backward pass by embedding_optimizer (faster on large tables; needs TorchRec)")
+    embedding_sharding: Literal["none", "auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = Field(
+        "none", description="under torchrun: how TorchRec places the tables (auto: its planner decides); implies "
+                            "fused tables and runs the rest of the model under DistributedDataParallel")
+    embedding_optimizer: Literal["sgd", "adagrad", "rowwise_adagrad"] = Field(
+        "rowwise_adagrad", description="the fused tables' optimizer (what fbgemm's CPU kernel offers)")
+    embedding_lr: float | None = Field(None, gt=0.0, description="the fused tables' learning rate; null: lr")
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
     progress: bool = True
@@ -135,10 +144,32 @@ class TrainConfig(ConfigBlock):
         if self.strategy == "alternating" and name != "fixed":
             raise ValueError(f"train.weighting {name!r} would be ignored: strategy 'alternating' trains one task's "
                              "loss per step, weighted by its config weight; use weighting 'fixed'")
+        if self.fused_tables:
+            how = ("embedding_sharding " + self.embedding_sharding if self.embedding_sharding != "none"
+                   else "embedding_tables fused")
+            if WEIGHTINGS[name].needs_task_gradients:
+                raise ValueError(f"train.weighting {name!r} needs every task's gradient of the tables; with {how} "
+                                 "they are updated inside the backward pass: use a loss weighting (fixed, "
+                                 "uncertainty, dwa, ...) or plain tables")
+            if self.strategy == "alternating":
+                raise ValueError(f"strategy 'alternating' cannot run with {how} (a step may not touch "
+                                 "other tasks' parameters, which fused tables cannot skip)")
+            if self.checkpoint_every is not None:
+                raise ValueError(f"train.checkpoint_every with {how} is not supported yet (the fused tables' "
+                                 "optimizer state is not saved); set it to null")
+            if any(g.params == "embedding" for g in self.optimizers):
+                raise ValueError(f"with {how} the tables' optimizer is train.embedding_optimizer; remove the "
+                                 "'embedding' group from train.optimizers")
         if self.alternating.ratios is not None and self.alternating.order != "ratio":
             raise ValueError("train.alternating.ratios is read with order 'ratio' only; set order: ratio or "
                              "remove the ratios")
         return self
+
+
+    @property
+    def fused_tables(self) -> bool:
+        """The embedding tables are TorchRec's, updated inside the backward pass."""
+        return self.embedding_tables == "fused" or self.embedding_sharding != "none"
 
 
 class ItemFactor(ConfigBlock):
@@ -200,6 +231,9 @@ class Experiment(ConfigBlock):
             unknown = sorted(set(getattr(self.rank, field)) - set(schema.task_names))
             if unknown:
                 raise ValueError(f"rank.{field} names unknown task(s) {unknown}; tasks: {schema.task_names}")
+        if self.train.embedding_sharding != "none" and self.data.streaming:
+            raise ValueError("train.embedding_sharding with data.streaming is not supported yet: sharded tables need "
+                             "every process to run as many batches, which file shards do not give")
         ratios = self.train.alternating.ratios
         if ratios is not None and (len(ratios) != len(schema.tasks) or min(ratios) < 0 or sum(ratios) <= 0):
             raise ValueError(f"train.alternating.ratios needs {len(schema.tasks)} non-negative values, not all 0")

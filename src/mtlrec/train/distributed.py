@@ -45,7 +45,7 @@ def leave() -> None:
 def average_gradients(params: Sequence[nn.Parameter]) -> None:
     """Replace every gradient by its mean over the processes (one all-reduce)."""
     _, size = world()
-    if size == 1:
+    if size == 1 or not params:
         return
     flat = flat_grad_of(params)
     dist.all_reduce(flat)

@@ -19,14 +19,16 @@ def matches(name: str, prefix: str) -> bool:
     return f".{prefix}." in f".{name}."
 
 
-def build_optimizers(modules: dict[str, nn.Module], config) -> list[torch.optim.Optimizer]:
+def build_optimizers(modules: dict[str, nn.Module], config, skip=None) -> list[torch.optim.Optimizer]:
     """`modules` maps a name prefix to a module (e.g. {"": model, "weighting": weighting}).
 
     Without `config.optimizers`: one `config.optimizer` over everything. With it: each
     parameter goes to the first group whose `params` prefix it lies under, "rest" taking
-    whatever no other group took.
+    whatever no other group took. Parameters whose name `skip(name)` holds for are left out
+    (fused embedding tables, which update themselves).
     """
-    named = [(f"{prefix}.{n}" if prefix else n, p) for prefix, m in modules.items() for n, p in m.named_parameters()]
+    named = [(f"{prefix}.{n}" if prefix else n, p) for prefix, m in modules.items() for n, p in m.named_parameters()
+             if skip is None or not skip(n)]
     if not config.optimizers:
         params = [p for _, p in named]
         return [make_optimizer(config.optimizer, params, config.lr, config.weight_decay, config.fused_optimizer)

@@ -124,5 +124,73 @@ def gathered_state_dict(wrapped: nn.Module) -> dict[str, torch.Tensor] | None:
     return out if rank == 0 else None
 
 
-__all__ = ["OPTIMIZERS", "SHARDINGS", "EmbeddingOptimizer", "dense_parameters", "gathered_state_dict", "plan",
-           "shard_model"]
+def fused_kernel_optimizer(optimizer: EmbeddingOptimizer) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The (optimizer class, kwargs) `TorchRecEmbedding` gives fbgemm's fused kernel on one process
+    (Adagrad with torch's eps, 1e-10, so that it steps as torch.optim.Adagrad does)."""
+    if optimizer.name == "sgd":
+        return torch.optim.SGD, {"lr": optimizer.lr}
+    if optimizer.name == "adagrad":
+        return torch.optim.Adagrad, {"lr": optimizer.lr, "eps": 1e-10}
+    from torchrec.optim import RowWiseAdagrad
+
+    return RowWiseAdagrad, {"lr": optimizer.lr}
+
+
+def embedding_owners(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> module, for every module of `model` with a `FeatureEmbedding` as `.embedding`
+    (the model itself; each network of the single-task baseline)."""
+    from mtlrec.nn.embedding import FeatureEmbedding
+
+    return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "embedding", None), FeatureEmbedding)}
+
+
+class TorchRecTables:
+    """A model's plain tables swapped for TorchRec's for training, and back for the model folder.
+
+    `install(model)` replaces every `FeatureEmbedding` in `model` by a `TorchRecEmbedding` with
+    the same weights (fused: updated inside backward by `optimizer`); `uninstall(model)` copies
+    the trained tables back into the plain modules and puts them back. `restore(model, state)`
+    does the same from a gathered state dict of a sharded copy (keys as `model` with TorchRec
+    tables), on the process that holds it.
+    """
+
+    def __init__(self, schema, optimizer: EmbeddingOptimizer):
+        self.schema = schema
+        self.optimizer = optimizer
+        self.plain: dict[str, nn.Module] = {}
+
+    def install(self, model: nn.Module, fused: bool) -> nn.Module:
+        from mtlrec.nn.torchrec_embedding import TorchRecEmbedding
+
+        for name, owner in embedding_owners(model).items():
+            fast = TorchRecEmbedding(self.schema, fused_kernel_optimizer(self.optimizer) if fused else None)
+            fast.load_from(owner.embedding)
+            self.plain[name] = owner.embedding
+            owner.embedding = fast
+        return model
+
+    def uninstall(self, model: nn.Module) -> None:
+        for name, plain in self.plain.items():
+            owner = model.get_submodule(name)
+            owner.embedding.copy_to(plain)
+            owner.embedding = plain
+
+    def restore(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load a gathered state (a copy of `model` with TorchRec tables) into the plain `model`."""
+        from mtlrec.nn.torchrec_embedding import TorchRecEmbedding
+
+        owners = embedding_owners(model)
+        prefixes = {name: f"{name}.embedding." if name else "embedding." for name in owners}
+        rest = {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes.values())}
+        for name, prefix in prefixes.items():
+            fresh = TorchRecEmbedding(self.schema)
+            fresh.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+            fresh.copy_to(owners[name].embedding)
+        result = model.load_state_dict(rest, strict=False)
+        unexpected = [k for k in result.missing_keys if not any(k.startswith(p) for p in prefixes.values())]
+        if unexpected or result.unexpected_keys:
+            raise RuntimeError(f"the sharded model's state does not fit the model: {result}")
+
+
+__all__ = ["OPTIMIZERS", "SHARDINGS", "EmbeddingOptimizer", "TorchRecTables", "dense_parameters",
+           "embedding_owners", "fused_kernel_optimizer", "gathered_state_dict", "plan", "shard_model"]

@@ -3,11 +3,13 @@ checkpoints that resume exactly, a stop on non-finite losses, and data parallel 
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +28,9 @@ from mtlrec.train.checkpoint import check_resumable, load_checkpoint, rng_state,
 from mtlrec.train.early_stopping import EarlyStopping
 from mtlrec.train.evaluation import evaluate_logits
 from mtlrec.train.optim import build_optimizers
+
+if TYPE_CHECKING:
+    from mtlrec.train.sharding import TorchRecTables
 
 
 class NonFiniteLoss(RuntimeError):
@@ -100,16 +105,23 @@ class Trainer:
         if config.batch_size % self.world:
             raise ValueError(f"train.batch_size {config.batch_size} must divide by the {self.world} processes")
         self.device = resolve_device(config.device)
-        self.model = model.to(self.device)
+        self.config = config
+        self.plain_model = model.to(self.device)  # what fit leaves trained (the model folder's layout)
+        self.model, self.tables = self._with_tables(self.plain_model, schema)
+        self.sharded = config.embedding_sharding != "none"
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.tasks = TaskSet(schema).to(self.device)
-        self.config = config
         self.seed = seed
         self.weighting = create_weighting(config.weighting, self.tasks).to(self.device)
-        self.optimizers = build_optimizers({"": self.model, "weighting": self.weighting}, config)
-        self.shared = shared_parameters(self.model, len(self.tasks))
-        self.averaged = [*self.model.parameters(), *self.weighting.parameters()]  # data parallel: all of them
-        self.task_params = [self.model.task_parameters(k) for k in range(len(self.tasks))]
+        fused = (lambda name: ".embedding_bags." in name) if self.tables else None  # tables update themselves
+        self.optimizers = build_optimizers({"": self.model, "weighting": self.weighting}, config, skip=fused)
+        if self.tables:  # loss weightings only (checked with the config): no task gradients, no task steps
+            self.shared, self.task_params = [], []
+        else:
+            self.shared = shared_parameters(self.model, len(self.tasks))
+            self.task_params = [self.model.task_parameters(k) for k in range(len(self.tasks))]
+        # data parallel: every gradient averaged after backward; sharded, DistributedDataParallel does the model's
+        self.averaged = [*([] if self.sharded else self.model.parameters()), *self.weighting.parameters()]
         self.schedule = TaskSchedule(config.alternating.order, len(self.tasks), config.alternating.ratios, seed)
         self.stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.patience)
         self.log_path = Path(log_path) if log_path and self.rank == 0 else None
@@ -122,6 +134,38 @@ class Trainer:
         self.global_step = 0
         self.last_checkpoint: int | None = None
         self._first_bad = torch.full((len(self.tasks),), -1, dtype=torch.long, device=self.device)
+
+    def _with_tables(self, model: nn.Module, schema: Schema) -> tuple[nn.Module, TorchRecTables | None]:
+        """The module training runs: `model` itself with plain tables; with fused tables, `model`
+        with TorchRec's tables swapped in; sharded, a copy of that under DistributedModelParallel."""
+        config = self.config
+        if not config.fused_tables:
+            return model, None
+        from mtlrec.train.sharding import EmbeddingOptimizer, TorchRecTables, shard_model
+
+        tables = TorchRecTables(schema, EmbeddingOptimizer(config.embedding_optimizer, config.embedding_lr or config.lr))
+        if config.embedding_sharding == "none":
+            if self.world > 1:
+                raise ValueError("fused tables under torchrun must be sharded: set train.embedding_sharding "
+                                 "(data_parallel copies every table to every process)")
+            return tables.install(model, fused=True).to(self.device), tables
+        work = tables.install(copy.deepcopy(model), fused=False)
+        tables.plain.clear()  # the copy's plain modules are not the caller's
+        return shard_model(work, config.embedding_sharding, tables.optimizer, self.device), tables
+
+    def _plain_again(self) -> None:
+        """Leave the trained weights in the plain model (the caller's, saved as the model folder):
+        fused tables copied back; sharded, gathered on rank 0 (the process that saves)."""
+        if self.tables is None:
+            return
+        if not self.sharded:
+            self.tables.uninstall(self.plain_model)
+            return
+        from mtlrec.train.sharding import gathered_state_dict
+
+        state = gathered_state_dict(self.model)
+        if state is not None:
+            self.tables.restore(self.plain_model, state)
 
     # ---------------------------------------------------------------- training
     def fit(self, train: BatchSource, valid: BatchSource | None = None, resume: bool = False) -> list[dict[str, float]]:
@@ -144,6 +188,7 @@ class Trainer:
             self._log(row)
             self._checkpoint(generator.get_state(), epoch + 1, 0, None)
         self.stopping.restore_best(self.model)
+        self._plain_again()
         return self.history
 
     def _train_epoch(self, source: Shard, generator: torch.Generator, epoch: int, skip: int,
@@ -280,17 +325,36 @@ class Trainer:
         torch.distributed each process predicts its shard and all receive the whole split."""
         self.model.eval()
         logits, labels, masks, weights = [], [], [], []
-        for batch in data.shard(self.rank, self.world).to(self.device).batches(4 * self.config.batch_size):
+        shard, rows = self._evaluation_shard(data)
+        for batch in shard.to(self.device).batches(4 * self.config.batch_size):
             logits.append(self._forward(batch).logits)
             labels.append(batch.labels)
             masks.append(batch.mask)
             weights.append(batch.weights if batch.weights is not None else torch.ones_like(batch.labels))
-        parts = [torch.cat(x) if x else torch.zeros(0, len(self.tasks), device=self.device)
+        parts = [torch.cat(x)[:rows] if x else torch.zeros(0, len(self.tasks), device=self.device)
                  for x in (logits, labels, masks, weights)]
         parts = distributed.gather_rows(parts)
         empty = torch.zeros(0, 0)
         return parts[0], TensorData(empty, empty, parts[1], parts[2].bool(),
                                     weights=parts[3] if self.tasks.weighted else None)
+
+    def _evaluation_shard(self, data: BatchSource) -> tuple[Shard, int | None]:
+        """This process's rows of a split, and how many of the predictions are real. Sharded
+        tables exchange lookups between processes at every forward, so every process must run
+        as many batches: the last blocks are padded (with copies of a row) to the first's size,
+        and the padding's predictions dropped."""
+        shard = data.shard(self.rank, self.world)
+        if not self.sharded:
+            return shard, None
+        if not isinstance(data, TensorData):
+            raise ValueError("sharded tables evaluate in-memory splits only, not data.streaming")
+        share = -(-len(data) // self.world)
+        block = data.rows(self.rank * share, (self.rank + 1) * share)
+        rows = len(block)
+        if rows < share:
+            filler = (block if rows else data).take(torch.zeros(share - rows, dtype=torch.long))
+            block = block.concat(filler) if rows else filler
+        return block, rows
 
     def evaluate(self, data: BatchSource) -> dict[str, float]:
         """Weighted loss, per-task losses and metrics over the whole split."""
