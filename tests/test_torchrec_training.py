@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +64,68 @@ def test_two_processes_with_sharded_tables_train_as_one_with_plain_tables(shardi
         torch.testing.assert_close(saved[name], expected[name], atol=2e-5, rtol=1e-4)
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())["test"]
     assert metrics["auc/y1"] == pytest.approx(one.test_metrics["auc/y1"], abs=1e-4)
+
+
+def test_fused_tables_resume_to_the_same_weights(tmp_path, monkeypatch):
+    from test_reliability import interrupted_run
+
+    raw = config(tmp_path, embedding_tables="fused", embedding_optimizer="rowwise_adagrad", embedding_lr=0.1,
+                 checkpoint_every=7, epochs=3)
+    whole = run_experiment(load_config(raw), tmp_path / "whole")
+    interrupted_run(raw, tmp_path / "m", monkeypatch)  # stopped in epoch 2
+    assert list((tmp_path / "m.partial").glob("tables-*"))  # the tables' state beside checkpoint.pt
+    resumed = run_experiment(load_config(raw), tmp_path / "m", resume=True)
+    for name, value in whole.trained.model.state_dict().items():
+        torch.testing.assert_close(resumed.trained.model.state_dict()[name], value, atol=0, rtol=0)
+    assert not list((tmp_path / "m").glob("tables-*"))  # a finished run keeps no checkpoint
+
+
+def kill_every_process_naming(text: str) -> None:
+    """SIGKILL every process whose command line holds `text`, as a machine failure would."""
+    import signal
+
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def test_two_processes_killed_mid_epoch_resume_to_the_same_weights(tmp_path):
+    import time
+
+    raw = config(tmp_path, embedding_sharding="row_wise", embedding_optimizer="rowwise_adagrad", embedding_lr=0.1,
+                 checkpoint_every=5, epochs=3)
+    raw["data"]["synthetic"]["rows"] = 4000
+    path = tmp_path / "sharded.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    def launch(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "mtlrec.cli", "train", str(path), "--out", str(tmp_path / out), *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+    full = launch("full")
+    assert full.wait(timeout=400) == 0, full.stderr.read()[-3000:]
+    victim = launch("killed")
+    sidecar = tmp_path / "killed.partial" / "checkpoint.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill every process once a checkpoint inside epoch 2 exists
+        try:
+            info = json.loads(sidecar.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            info = {}
+        if info.get("epoch") == 2 and info.get("step_in_epoch", 0) > 0:
+            break
+        time.sleep(0.01)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    kill_every_process_naming(str(tmp_path / "killed"))  # torchrun and its workers (their own sessions)
+    victim.wait()
+    resumed = launch("killed", "--resume")
+    assert resumed.wait(timeout=400) == 0, resumed.stderr.read()[-3000:]
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=0, rtol=0)

@@ -154,9 +154,6 @@ class TrainConfig(ConfigBlock):
             if self.strategy == "alternating":
                 raise ValueError(f"strategy 'alternating' cannot run with {how} (a step may not touch "
                                  "other tasks' parameters, which fused tables cannot skip)")
-            if self.checkpoint_every is not None:
-                raise ValueError(f"train.checkpoint_every with {how} is not supported yet (the fused tables' "
-                                 "optimizer state is not saved); set it to null")
             if any(g.params == "embedding" for g in self.optimizers):
                 raise ValueError(f"with {how} the tables' optimizer is train.embedding_optimizer; remove the "
                                  "'embedding' group from train.optimizers")

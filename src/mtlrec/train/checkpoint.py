@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,8 @@ def has_checkpoint(folder: Path) -> bool:
 def remove_checkpoint(folder: Path) -> None:
     for name in (CHECKPOINT, SIDECAR):
         (folder / name).unlink(missing_ok=True)
+    for tables in folder.glob("tables-*"):  # TorchRec tables' state (mtlrec.train.sharding.save_tables)
+        shutil.rmtree(tables, ignore_errors=True)
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:

@@ -25,7 +25,10 @@ Example (under torchrun, TorchRec installed):
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -192,5 +195,68 @@ class TorchRecTables:
             raise RuntimeError(f"the sharded model's state does not fit the model: {result}")
 
 
+def fused_optimizers(model: nn.Module) -> list:
+    """The optimizers that live inside the tables: DistributedModelParallel's one, or each
+    fused bag collection's on one process."""
+    if hasattr(model, "fused_optimizer") and not callable(model.fused_optimizer):
+        return [model.fused_optimizer]
+    from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
+    return [m.fused_optimizer() for m in model.modules() if isinstance(m, FusedEmbeddingBagCollection)]
+
+
+TABLES_PREFIX = "tables-"  # checkpoint folders of the tables' state, one per step: tables-<step>
+
+
+def save_tables(folder: Path, step: int, model: nn.Module, best: dict | None) -> str:
+    """Write the model's state (sharded tables in pieces, each process its own), the tables'
+    fused optimizer state and the early-stopping copy with torch.distributed.checkpoint, into
+    `folder/tables-<step>`, written aside and renamed once whole. Every process calls it.
+    Returns the folder's name."""
+    import torch.distributed.checkpoint as dcp
+
+    name = f"{TABLES_PREFIX}{step}"
+    partial = folder / f"{name}.partial"
+    state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in fused_optimizers(model)]}
+    if best is not None:
+        state["best"] = best
+    dcp.save(state, checkpoint_id=str(partial))
+    _barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shutil.rmtree(folder / name, ignore_errors=True)
+        os.replace(partial, folder / name)
+    _barrier()
+    return name
+
+
+def load_tables(folder: Path, name: str, model: nn.Module, best: dict | None) -> dict | None:
+    """Read what `save_tables` wrote into `model` (and its fused optimizers); returns the
+    early-stopping copy when one was saved (`best`: a state dict of the model's shape to fill)."""
+    import torch.distributed.checkpoint as dcp
+
+    optimizers = fused_optimizers(model)
+    state = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers]}
+    if best is not None:
+        state["best"] = best
+    dcp.load(state, checkpoint_id=str(folder / name))
+    model.load_state_dict(state["model"])
+    for optimizer, saved in zip(optimizers, state["optimizers"]):
+        optimizer.load_state_dict(saved)
+    return state.get("best")
+
+
+def remove_old_tables(folder: Path, keep: str | None) -> None:
+    """Delete the tables' checkpoint folders but `keep` (after a newer checkpoint has landed)."""
+    for path in folder.glob(f"{TABLES_PREFIX}*"):
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 __all__ = ["OPTIMIZERS", "SHARDINGS", "EmbeddingOptimizer", "TorchRecTables", "dense_parameters",
-           "embedding_owners", "fused_kernel_optimizer", "gathered_state_dict", "plan", "shard_model"]
+           "embedding_owners", "fused_kernel_optimizer", "fused_optimizers", "gathered_state_dict", "load_tables",
+           "plan", "remove_old_tables", "save_tables", "shard_model"]

@@ -289,28 +289,43 @@ class Trainer:
         if not (self.checkpoint_dir and self.config.checkpoint_every):
             return
         self._check_finite(epoch)  # never write a checkpoint after a bad step
+        stopping, tables = self.stopping.state_dict(), None
+        if self.tables is not None:  # TorchRec tables: their state (sharded: in pieces) beside checkpoint.pt
+            from mtlrec.train import sharding
+
+            tables = sharding.save_tables(self.checkpoint_dir, self.global_step, self.model, stopping["best_state"])
+            stopping = stopping | {"best_state": None, "best_in_tables": stopping["best_state"] is not None}
         if self.rank == 0:
             save_checkpoint(self.checkpoint_dir, {
-                "model": self.model.state_dict(), "weighting": self.weighting.state_dict(),
-                "optimizers": [opt.state_dict() for opt in self.optimizers],
+                "model": self.model.state_dict() if tables is None else {}, "tables": tables,
+                "weighting": self.weighting.state_dict(), "optimizers": [opt.state_dict() for opt in self.optimizers],
                 "global_step": self.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "generator": generator_state, "rng": rng_state(), "history": self.history,
-                "stopping": self.stopping.state_dict(), "totals": totals.state_dict() if totals else None,
+                "stopping": stopping, "totals": totals.state_dict() if totals else None,
                 "config": json.dumps(self.run_config),
             })
+            if tables is not None:
+                sharding.remove_old_tables(self.checkpoint_dir, keep=tables)
         distributed.barrier()
         self.last_checkpoint = self.global_step
 
     def _restore(self, generator: torch.Generator) -> tuple[int, int, EpochTotals | None]:
         state = load_checkpoint(self.checkpoint_dir)
         check_resumable(json.loads(state["config"]), self.run_config, self.checkpoint_dir)
-        self.model.load_state_dict(state["model"])
+        stopping = state["stopping"]
+        if state.get("tables"):
+            from mtlrec.train import sharding
+
+            template = copy.deepcopy(self.model.state_dict()) if stopping.pop("best_in_tables") else None
+            stopping["best_state"] = sharding.load_tables(self.checkpoint_dir, state["tables"], self.model, template)
+        else:
+            self.model.load_state_dict(state["model"])
         self.weighting.load_state_dict(state["weighting"])
         for opt, saved in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(saved)
         self.global_step = self.last_checkpoint = state["global_step"]
         self.history = state["history"]
-        self.stopping.load_state_dict(state["stopping"])
+        self.stopping.load_state_dict(stopping)
         generator.set_state(state["generator"])
         set_rng_state(state["rng"])
         if self.log_path:  # the log as of the checkpoint; later lines belonged to the lost run
