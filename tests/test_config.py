@@ -21,7 +21,7 @@ def test_defaults_fill_schema_from_synthetic_data():
         ({"model": {"name": "moe"}}, "unknown model 'moe'; allowed: ['single_task', 'shared_bottom', 'asymmetric', 'cross_stitch', 'omoe', 'mmoe', 'cgc', 'ple', 'adatt', 'esmm', 'aitm']"),
         ({"model": {"name": "mmoe", "task_experts": 2}}, "model 'mmoe' has no option(s) ['task_experts']; allowed:"),
         ({"train": {"optimizer": "lbfgs"}}, "train.optimizer: Input should be 'adam', 'adamw', 'sgd' or 'adagrad'"),
-        ({"tasks": [{"name": "a", "type": "multiclass"}]}, "tasks.0.type: unknown task type 'multiclass'; allowed: ['binary', 'regression', 'count']"),
+        ({"tasks": [{"name": "a", "type": "multiclass"}]}, "tasks.0.type: unknown task type 'multiclass'; allowed: ['binary', 'regression', 'count', 'focal', 'tweedie', 'lognormal']"),
         ({"train": {"early_stopping": {"metric": "auc/y1"}}}, "train.early_stopping.metric 'auc/y1' is not one of"),
         ({"data": {"source": "files"}}, "source 'files' needs data.train"),
         ({"train": {"batch_size": 0}}, "train.batch_size: Input should be greater than or equal to 1"),

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from mtlrec.expression import ExpressionError, parse
-from mtlrec.tasks import kind_of
+from mtlrec.tasks import TaskKind, kind_of
 
 
 class ConfigBlock(BaseModel):
@@ -117,7 +117,10 @@ class Task(ConfigBlock):
     """One prediction target.
 
     `type` is the task's kind (`mtlrec.tasks`): binary (label 0/1, log loss, AUC), regression
-    (real label, squared error, MSE), count (label >= 0, Poisson loss on a log link).
+    (real label, squared error, MSE), count (label >= 0, Poisson loss on a log link), focal
+    (label 0/1, focal loss), tweedie (label >= 0, Tweedie loss on a log link), lognormal
+    (label > 0, squared error of log y). `options` are the kind's (e.g. focal's gamma and
+    alpha, tweedie's power), checked against its `Options`.
     The label is a column (`label`, optionally mapped through `values`) or an `expression`
     over other columns (True/False become 1/0), so a new task setup needs no code. Expressions
     and spaces are conditions in a closed grammar (`mtlrec.expression`), never code.
@@ -128,6 +131,7 @@ class Task(ConfigBlock):
 
     name: str
     type: str = Field("binary", description="the task's kind, a name registered in mtlrec.tasks")
+    options: dict[str, Any] = Field({}, description="the kind's options, e.g. {'gamma': 2.0} for focal")
     label: str | None = Field(None, description="label column; defaults to the task name")
     values: dict[str, float] | None = Field(
         None, description="map the label column's raw values to labels, e.g. {'yes': 1, 'no': 0}"
@@ -151,6 +155,7 @@ class Task(ConfigBlock):
 
     @model_validator(mode="after")
     def _check(self) -> Task:
+        self.kind  # its options, validated: a ValueError names the task and the option
         if self.expression and (self.label or self.values):
             raise ValueError(f"task {self.name!r}: give either expression or label/values, not both")
         for what, text in (("expression", self.expression), ("space", self.space)):
@@ -160,6 +165,12 @@ class Task(ConfigBlock):
                 except ExpressionError as err:
                     raise ValueError(f"task {self.name!r}: {what} {text!r}: {err}") from None
         return self
+
+    @property
+    def kind(self) -> TaskKind:
+        """The task's kind, carrying its options; a ValueError names the task and the option."""
+        cls = type(kind_of(self.type))
+        return cls(typed_options(f"task {self.name!r}", cls.Options, self.options, list(cls.Options.model_fields)))
 
     @property
     def column(self) -> str | None:

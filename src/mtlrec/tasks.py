@@ -4,13 +4,18 @@ A `TaskKind` says, for one kind of label, how its tower's logit is scored and re
 the loss on the logit, the link from logit to prediction, the metrics (with their
 direction, the first one primary), which labels are valid, the constant baseline and the
 uncertainty-weighting constant. Adding a kind is one class with `@register_kind` here; the
-config, encoder, trainer, weighting, bench and ranking read it through `TaskSet`.
+config, encoder, trainer, weighting, bench and ranking read it through `TaskSet`. A kind
+may take options (its `Options` class), given per task as `Task.options`; each task then
+holds its own kind instance, and tasks of one kind with different options are scored apart.
 
-| kind       | label        | loss on the logit z         | prediction | metrics (primary first) |
-|------------|--------------|-----------------------------|------------|-------------------------|
-| binary     | 0 or 1       | log loss of sigmoid(z)      | sigmoid(z) | auc, logloss            |
-| regression | finite real  | squared error (z - y)^2     | z          | mse, mae                |
-| count      | finite, >= 0 | Poisson: exp(z) - y z       | exp(z)     | poisson_deviance, mae   |
+| kind       | label        | loss on the logit z                           | prediction | metrics (primary first) |
+|------------|--------------|-----------------------------------------------|------------|-------------------------|
+| binary     | 0 or 1       | log loss of sigmoid(z)                        | sigmoid(z) | auc, logloss            |
+| regression | finite real  | squared error (z - y)^2                       | z          | mse, mae                |
+| count      | finite, >= 0 | Poisson: exp(z) - y z                         | exp(z)     | poisson_deviance, mae   |
+| focal      | 0 or 1       | -alpha_t (1 - p_t)^gamma log p_t, p = sig(z)  | sigmoid(z) | auc, logloss            |
+| tweedie    | finite, >= 0 | -y e^((1-p) z)/(1-p) + e^((2-p) z)/(2-p)      | exp(z)     | tweedie_deviance, mae   |
+| lognormal  | finite, > 0  | (z - log y)^2                                 | exp(z)     | mse_log, mae            |
 
 Example:
     >>> import torch
@@ -29,14 +34,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from mtlrec.train.metrics import auc, log_loss, mean_absolute_error, mean_squared_error, poisson_deviance
+from mtlrec.train.metrics import (
+    auc,
+    log_loss,
+    mean_absolute_error,
+    mean_squared_error,
+    mean_squared_error_of_logs,
+    poisson_deviance,
+    tweedie_deviance,
+)
 
 if TYPE_CHECKING:
     from mtlrec.schema import Schema
@@ -52,14 +67,38 @@ class Metric:
     higher_is_better: bool
 
 
+class KindOptions(BaseModel):
+    """A kind's options, given per task as `Task.options`: none here; a kind with options
+    subclasses this as its `Options` with typed, constrained fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class TaskKind:
-    """What one kind of label means. Subclasses set the class attributes and `loss`."""
+    """What one kind of label means. Subclasses set the class attributes and `loss`.
+
+    An instance carries its options (`self.options`, an `Options`); two instances are equal
+    when they are of one class with equal options, so `TaskSet` scores them together.
+    """
 
     name: ClassVar[str]
-    metrics: ClassVar[tuple[Metric, ...]]  # the first is the primary metric
+    metrics: tuple[Metric, ...]  # the first is the primary; a class attribute, or a property reading the options
     label_rule: ClassVar[str]  # what a valid label is, for error messages
     probability: ClassVar[bool] = False  # predictions are probabilities of a 0/1 label
     uncertainty_scale: ClassVar[float] = 1.0  # c_k of uncertainty weighting (Kendall et al. 2018)
+    Options: ClassVar[type[KindOptions]] = KindOptions
+
+    def __init__(self, options: KindOptions | None = None):
+        self.options = self.Options() if options is None else options
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.options == self.options
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.options))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Per-element loss, same shape as `logits`; finite for every real logit and label."""
@@ -88,6 +127,7 @@ def register_kind(cls: type[TaskKind]) -> type[TaskKind]:
 
 
 def kind_of(name: str) -> TaskKind:
+    """The registered kind with its default options (`Task.kind` carries a task's own)."""
     try:
         return KINDS[name]
     except KeyError:
@@ -126,17 +166,10 @@ class Regression(TaskKind):
         return (logits - labels).square()
 
 
-@register_kind
-class Count(TaskKind):
-    """Counts and other non-negative targets with a log link: the Poisson negative
-    log-likelihood without its constant, exp(z) - y z, minimised where exp(z) = y."""
+class LogLink(TaskKind):
+    """Non-negative targets predicted as exp(z) (a log link); the constant baseline is log(mean)."""
 
-    name = "count"
-    metrics = (Metric("poisson_deviance", poisson_deviance, False), Metric("mae", mean_absolute_error, False))
     label_rule = "finite and >= 0"
-
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return torch.exp(logits) - labels * logits
 
     def link(self, logits: Tensor) -> Tensor:
         return torch.exp(logits)
@@ -146,6 +179,89 @@ class Count(TaskKind):
 
     def baseline_logit(self, mean: Tensor) -> Tensor:
         return torch.log(mean.clamp(min=1e-6))
+
+
+@register_kind
+class Count(LogLink):
+    """Counts and other non-negative targets with a log link: the Poisson negative
+    log-likelihood without its constant, exp(z) - y z, minimised where exp(z) = y."""
+
+    name = "count"
+    metrics = (Metric("poisson_deviance", poisson_deviance, False), Metric("mae", mean_absolute_error, False))
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return torch.exp(logits) - labels * logits
+
+
+@register_kind
+class Focal(Binary):
+    """0/1 labels scored by the focal loss (Lin et al., ICCV 2017, Eq. 5):
+        FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t),  p = sigmoid(z),
+    p_t = p and alpha_t = alpha for a positive, 1 - p and 1 - alpha for a negative; by
+    default gamma = 2 and alpha = 0.25, the paper's. With s = 2y - 1 it is computed from the
+    logit as -alpha_t exp(gamma logsigmoid(-s z)) logsigmoid(s z), finite with a finite
+    gradient for every logit. gamma = 0 and alpha = None is the log loss.
+    Predictions are sigmoid(z), reported like binary's (auc, logloss); the loss down-weights
+    easy rows, so they are less calibrated than binary's."""
+
+    name = "focal"
+
+    class Options(KindOptions):
+        gamma: float = Field(2.0, ge=0, description="focusing parameter: how much easy rows are down-weighted")
+        alpha: float | None = Field(0.25, ge=0, le=1, description="weight of positives (negatives: 1 - alpha); "
+                                                                  "None weighs both 1")
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        sign = 2 * labels - 1  # +1 for a positive, -1 for a negative
+        loss = -torch.exp(self.options.gamma * F.logsigmoid(-sign * logits)) * F.logsigmoid(sign * logits)
+        alpha = self.options.alpha
+        return loss if alpha is None else (alpha * labels + (1 - alpha) * (1 - labels)) * loss
+
+
+@register_kind
+class Tweedie(LogLink):
+    """Non-negative targets with many zeros and a long tail (spend, watch time incl. none) on a
+    log link, mu = exp(z): the Tweedie negative log-likelihood without its terms in y alone,
+        -y mu^(1-p) / (1-p) + mu^(2-p) / (2-p),  1 < p < 2,
+    which is half the unit deviance (Jorgensen 1987) less y^(2-p) / ((1-p)(2-p)); minimised
+    where mu = y. As in Yang, Qian & Zou (J. Bus. Econ. Stat. 2018) and XGBoost/LightGBM's
+    `tweedie`. Like count's exp(z), it overflows float32 only for |z| > 88 / min(p - 1, 2 - p).
+    The metric `tweedie_deviance` uses the task's power."""
+
+    name = "tweedie"
+
+    class Options(KindOptions):
+        power: float = Field(1.5, gt=1, lt=2, description="variance power p: Var(y) = phi mu^p")
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        deviance = partial(tweedie_deviance, power=self.options.power)
+        return Metric("tweedie_deviance", deviance, False), Metric("mae", mean_absolute_error, False)
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        p = self.options.power
+        return -labels * torch.exp((1 - p) * logits) / (1 - p) + torch.exp((2 - p) * logits) / (2 - p)
+
+
+@register_kind
+class LogNormal(LogLink):
+    """Positive targets whose logarithm is roughly normal (watch time, price): squared error on
+    the log scale, (z - log y)^2, so z estimates the mean of log y. The prediction is exp(z),
+    the median of y under a log-normal (the mean, exp(z + sigma^2 / 2), would need sigma, which
+    is not learned) and the point that minimises the absolute error. Metrics: `mse_log`, the
+    squared error on the log scale (the loss), and `mae` on the original scale."""
+
+    name = "lognormal"
+    metrics = (Metric("mse_log", mean_squared_error_of_logs, False), Metric("mae", mean_absolute_error, False))
+    label_rule = "finite and > 0"
+    uncertainty_scale = 0.5  # a Gaussian likelihood, of log y
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        # rows outside the task's space (label 0) and other kinds' columns read log 1 = 0: finite
+        return (logits - torch.where(labels > 0, labels, 1.0).log()).square()
+
+    def invalid_labels(self, values: np.ndarray) -> np.ndarray:
+        return ~np.isfinite(values) | (values <= 0)
 
 
 def higher_is_better(metric: str) -> bool:
@@ -161,24 +277,25 @@ class TaskSet(nn.Module):
     """The schema's tasks, built once: their kinds, config weights, losses, predictions and metrics.
 
     Tensors index tasks in schema order (`[B, T]`). Holds no parameters; its buffers
-    (weights `[T]`, one column mask `[T]` per kind present) follow `.to(device)`, and are
-    moved to the inputs' device where they are not there yet.
+    (weights `[T]`, one column mask `[T]` per kind present, tasks of one kind with different
+    options counting as different kinds) follow `.to(device)`, and are moved to the inputs'
+    device where they are not there yet.
     """
 
     def __init__(self, schema: Schema):
         super().__init__()
         self.names = [t.name for t in schema.tasks]
-        self.kinds = [kind_of(t.type) for t in schema.tasks]
+        self.kinds = [t.kind for t in schema.tasks]
         self.weighted = schema.weighted  # rows carry sample weights
         self.weighted_metrics = schema.weighted_metrics
         self.register_buffer("weights", torch.tensor([t.weight for t in schema.tasks], dtype=torch.float32),
                              persistent=False)
         self.register_buffer("uncertainty_scales", torch.tensor([k.uncertainty_scale for k in self.kinds]),
                              persistent=False)
-        # each kind present, with the columns that are of that kind
-        self.present = [kind for kind in KINDS.values() if kind in self.kinds]
+        # each kind present (equal kinds: one class, equal options), with the columns of that kind
+        self.present = list(dict.fromkeys(self.kinds))
         for i, kind in enumerate(self.present):
-            self.register_buffer(f"columns_{i}", torch.tensor([k is kind for k in self.kinds]), persistent=False)
+            self.register_buffer(f"columns_{i}", torch.tensor([k == kind for k in self.kinds]), persistent=False)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -254,4 +371,4 @@ class TaskSet(nn.Module):
             f"{m.name}/{name}" for name, kind in zip(self.names, self.kinds) for m in kind.metrics]
 
 
-__all__ = ["KINDS", "Metric", "TaskKind", "TaskSet", "higher_is_better", "kind_of", "register_kind"]
+__all__ = ["KINDS", "KindOptions", "Metric", "TaskKind", "TaskSet", "higher_is_better", "kind_of", "register_kind"]

@@ -35,7 +35,6 @@ from mtlrec.data.lists import check_separator, split_lists
 from mtlrec.data.tensors import TensorData
 from mtlrec.expression import ExpressionError, evaluate, parse
 from mtlrec.schema import Schema, SparseFeature
-from mtlrec.tasks import kind_of
 
 
 class Encoder:
@@ -154,7 +153,7 @@ class Encoder:
                 present = ~np.isnan(values)
                 if task.space:
                     present &= _condition(table, task.space, task.name, "space")
-                _check_labels(values, present, task.column or task.name, task.type, table.index)
+                _check_labels(values, present, task.column or task.name, task.kind, table.index)
                 label_values[:, k] = np.where(present, values, 0.0)
                 mask[:, k] = present
             if s.weighted:
@@ -428,8 +427,7 @@ def _condition(table: pd.DataFrame, expression: str, task: str, what: str) -> np
     return values
 
 
-def _check_labels(values: np.ndarray, present: np.ndarray, name: str, kind_name: str, index: pd.Index) -> None:
-    kind = kind_of(kind_name)
+def _check_labels(values: np.ndarray, present: np.ndarray, name: str, kind, index: pd.Index) -> None:
     bad = present & kind.invalid_labels(values)
     if bad.any():
         row = bad.nonzero()[0][0]

@@ -70,6 +70,22 @@ def poisson_deviance(labels: np.ndarray, predictions: np.ndarray, weights: np.nd
     return _mean(2.0 * (y_log - (labels - p)), weights)
 
 
+def tweedie_deviance(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None,
+                     power: float = 1.5, eps: float = 1e-12) -> float:
+    """Mean Tweedie unit deviance for 1 < power < 2 (Jorgensen 1987):
+    2 (y^(2-p) / ((1-p)(2-p)) - y mu^(1-p) / (1-p) + mu^(2-p) / (2-p)), mu the prediction."""
+    p, mu = power, np.maximum(predictions, eps)
+    terms = (np.power(labels, 2 - p) / ((1 - p) * (2 - p)) - labels * np.power(mu, 1 - p) / (1 - p)
+             + np.power(mu, 2 - p) / (2 - p))
+    return _mean(2.0 * terms, weights)
+
+
+def mean_squared_error_of_logs(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None,
+                               eps: float = 1e-300) -> float:
+    """Mean (log p - log y)^2 of positive labels and predictions (not log(1 + y))."""
+    return _mean((np.log(np.maximum(predictions, eps)) - np.log(labels)) ** 2, weights)
+
+
 def _mean(values: np.ndarray, weights: np.ndarray | None) -> float:
     if weights is None:
         return float(np.mean(values))
