@@ -82,6 +82,7 @@ def main(sharding: str, out: Path) -> None:
             "max_difference": {k: float((state[k] - expected[k]).abs().max()) for k in expected},
             "moved": {k: float((expected[k] - initial[k]).abs().max()) for k in expected},
         }))
+    dist.barrier()  # both processes leave together: one ending early can abort the other's gloo threads
     dist.destroy_process_group()
 
 

@@ -73,6 +73,7 @@ def main(out: Path) -> None:
             }
     if rank == 0:
         (out / "per_rank.json").write_text(json.dumps(differences))
+    dist.barrier()  # both processes leave together: one ending early can abort the other's gloo threads
     dist.destroy_process_group()
 
 
