@@ -77,3 +77,20 @@ def assert_shared_update(params, plain, expected, shared):
         torch.testing.assert_close(p.grad[is_shared], g_expected[is_shared])
         changed |= not torch.allclose(p.grad[is_shared], g_plain[is_shared])
     assert changed  # the method did act on the shared entries
+
+
+def wait_for_checkpoint_inside_epoch(sidecar, epoch: int = 2, seconds: float = 300.0, poll: float = 0.005) -> None:
+    """Return once the run's checkpoint sidecar (`NAME.partial/checkpoint.json`) names a step
+    inside `epoch` (not its start), or after `seconds`: the moment a crash test kills the run."""
+    import json
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            info = json.loads(sidecar.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            info = {}
+        if info.get("epoch") == epoch and info.get("step_in_epoch", 0) > 0:
+            return
+        time.sleep(poll)

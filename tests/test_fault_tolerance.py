@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from mtlrec import models
 from mtlrec.config import load_config
 from mtlrec.data import TensorData
 from mtlrec.train.trainer import NonFiniteLoss, Trainer
-from helpers import dense_schema
+from helpers import dense_schema, wait_for_checkpoint_inside_epoch
 
 
 def config_file(tmp_path, **train):
@@ -46,16 +45,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
     assert full.wait(timeout=300) == 0, full.stderr.read()
 
     victim = train_cli(cfg, "--out", tmp_path / "killed")
-    sidecar = tmp_path / "killed.partial" / "checkpoint.json"  # the run works beside its folder
-    deadline = time.time() + 240
-    while time.time() < deadline:  # kill once a checkpoint inside epoch 2 exists
-        try:
-            info = json.loads(sidecar.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            info = {}
-        if info.get("epoch") == 2 and info.get("step_in_epoch", 0) > 0:
-            break
-        time.sleep(0.005)
+    wait_for_checkpoint_inside_epoch(tmp_path / "killed.partial" / "checkpoint.json")  # then kill it
     assert victim.poll() is None, "the run ended before it could be killed"
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("torchrec", reason="TorchRec is not installed (make install adds it)")
 
+from helpers import wait_for_checkpoint_inside_epoch  # noqa: E402
 from mtlrec.config import load_config  # noqa: E402
 from mtlrec.experiment import run_experiment  # noqa: E402
 
@@ -93,7 +94,6 @@ def kill_every_process_naming(text: str) -> None:
 
 
 def test_two_processes_killed_mid_epoch_resume_to_the_same_weights(tmp_path):
-    import time
 
     raw = config(tmp_path, embedding_sharding="row_wise", embedding_optimizer="rowwise_adagrad", embedding_lr=0.1,
                  checkpoint_every=5, epochs=3)
@@ -110,16 +110,7 @@ def test_two_processes_killed_mid_epoch_resume_to_the_same_weights(tmp_path):
     full = launch("full")
     assert full.wait(timeout=400) == 0, full.stderr.read()[-3000:]
     victim = launch("killed")
-    sidecar = tmp_path / "killed.partial" / "checkpoint.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill every process once a checkpoint inside epoch 2 exists
-        try:
-            info = json.loads(sidecar.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            info = {}
-        if info.get("epoch") == 2 and info.get("step_in_epoch", 0) > 0:
-            break
-        time.sleep(0.01)
+    wait_for_checkpoint_inside_epoch(tmp_path / "killed.partial" / "checkpoint.json")  # then kill it
     assert victim.poll() is None, "the run ended before it could be killed"
     kill_every_process_naming(str(tmp_path / "killed"))  # torchrun and its workers (their own sessions)
     victim.wait()
