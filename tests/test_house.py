@@ -68,8 +68,8 @@ def test_count_metrics_and_baseline_against_their_formulas():
     assert m["mae/shares"] == pytest.approx(np.abs(p - y).mean())
     assert TaskSet(schema).primary_metrics == ["poisson_deviance/shares"]
     assert not tasks.higher_is_better("poisson_deviance/shares")
-    mean = torch.tensor([1.5])
-    assert TaskSet(schema).predict(TaskSet(schema).baseline_logits(mean)).item() == pytest.approx(1.5)
+    labels, mask = torch.tensor([[1.0], [2.0], [9.0]]), torch.tensor([[True], [True], [False]])
+    assert TaskSet(schema).predict(TaskSet(schema).baseline_logits(labels, mask)).item() == pytest.approx(1.5)
 
 
 def count_table(rows=4000, seed=0):

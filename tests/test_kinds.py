@@ -195,8 +195,12 @@ def test_metric_names_directions_baselines_and_uncertainty_constants():
                                   "logloss/click", "mae/spend", "mae/watch"]
     assert [higher_is_better(m) for m in tasks.metric_names] == [True, False, False, False, False, False]
     assert tasks.uncertainty_scales.tolist() == [1.0, 1.0, 0.5]
-    mean = torch.tensor([0.2, 3.5, 40.0])
-    torch.testing.assert_close(tasks.predict(tasks.baseline_logits(mean)), mean)
+    labels = torch.tensor([[0.0, 3.0, 10.0], [1.0, 0.0, 40.0], [0.0, 7.5, 160.0], [1.0, 9.0, 0.0]])
+    mask = torch.tensor([[True] * 3, [True] * 3, [True] * 3, [False, False, False]])
+    baseline = tasks.predict(tasks.baseline_logits(labels, mask))
+    # the mean for focal and tweedie; for lognormal the geometric mean, exp(mean log y): the
+    # best constant on the log scale the loss is measured on
+    torch.testing.assert_close(baseline, torch.tensor([1 / 3, 3.5, 40.0]))
     assert [KINDS[n].probability for n in ("focal", "tweedie", "lognormal")] == [True, False, False]
     # the deviance reported is the task's own power's
     y, mu = np.array([[0.0, 0.0, 1.0], [0.0, 2.0, 1.0]]), np.array([[0.5, 1.0, 1.0], [0.5, 3.0, 1.0]])

@@ -112,8 +112,14 @@ class TaskKind:
         """Bool mask of the label values this kind refuses (NaN means missing and is never passed)."""
         return ~np.isfinite(values)
 
+    def baseline_values(self, labels: Tensor) -> Tensor:
+        """What the constant baseline averages over the training labels (elementwise): the
+        labels themselves, or e.g. their logarithm for a kind fitted on the log scale."""
+        return labels
+
     def baseline_logit(self, mean: Tensor) -> Tensor:
-        """The logit that predicts the training mean for every row (what a model must beat)."""
+        """The logit of the constant predictor, from the training mean of `baseline_values`
+        (what a model must beat)."""
         return mean
 
 
@@ -263,6 +269,12 @@ class LogNormal(LogLink):
     def invalid_labels(self, values: np.ndarray) -> np.ndarray:
         return ~np.isfinite(values) | (values <= 0)
 
+    def baseline_values(self, labels: Tensor) -> Tensor:
+        return torch.where(labels > 0, labels, 1.0).log()  # the best constant logit is the mean of log y
+
+    def baseline_logit(self, mean: Tensor) -> Tensor:
+        return mean
+
 
 def higher_is_better(metric: str) -> bool:
     """Direction of a metric named like `auc/click` or `loss`."""
@@ -335,8 +347,11 @@ class TaskSet(nn.Module):
         """`[B, T]` logits -> what each task reports: a probability (binary), a value, a rate."""
         return self._by_kind(logits, lambda kind, z: kind.link(z))
 
-    def baseline_logits(self, mean: Tensor) -> Tensor:
-        """`[T]` training label means -> `[T]` logits of the constant predictor."""
+    def baseline_logits(self, labels: Tensor, mask: Tensor) -> Tensor:
+        """`[T]` logits of each task's constant predictor, from the training labels and mask
+        `[N, T]`: the logit of the mean of its kind's `baseline_values` over the task's space."""
+        values = torch.where(mask, self._by_kind(labels, lambda kind, y: kind.baseline_values(y)), 0.0)
+        mean = values.sum(0) / mask.sum(0).clamp(min=1)
         return self._by_kind(mean, lambda kind, m: kind.baseline_logit(m))
 
     def metrics(self, predictions: np.ndarray, labels: np.ndarray, mask: np.ndarray,
