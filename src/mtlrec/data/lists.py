@@ -80,6 +80,9 @@ def check_separator(column: pd.Series, feature: SparseFeature) -> None:
     common one, was almost surely given the wrong separator."""
     if column.dtype != object and not pd.api.types.is_string_dtype(column.dtype):
         return
+    present = column.dropna()
+    if present.empty or not isinstance(present.iloc[0], str):
+        return  # lists (or numbers), not text: nothing was split at a separator
     text = column[column.map(lambda v: isinstance(v, str))].astype(str)
     if text.empty:
         return
