@@ -16,6 +16,7 @@ from mtlrec import models
 from mtlrec.data.formats import DATA_FORMATS
 from mtlrec.data.synthetic import SyntheticConfig, synthetic_schema
 from mtlrec.losses.weighting import WEIGHTINGS, create_weighting, split_spec
+from mtlrec.train.sharding import SHARDINGS, TableOptimizer
 from mtlrec.schema import ConfigBlock, DenseFeature, Schema, SparseFeature, Task
 from mtlrec.tasks import TaskSet
 from mtlrec.train.optim import OPTIMIZERS
@@ -125,10 +126,10 @@ class TrainConfig(ConfigBlock):
     embedding_tables: Literal["plain", "fused"] = Field(
         "plain", description="plain: tables are model parameters; fused: TorchRec / fbgemm tables updated inside the "
                              "backward pass by embedding_optimizer (faster on large tables; needs TorchRec)")
-    embedding_sharding: Literal["none", "auto", "table_wise", "row_wise", "column_wise", "data_parallel"] = Field(
+    embedding_sharding: Literal[("none", *SHARDINGS)] = Field(  # type: ignore[valid-type]
         "none", description="under torchrun: how TorchRec places the tables (auto: its planner decides); implies "
                             "fused tables and runs the rest of the model under DistributedDataParallel")
-    embedding_optimizer: Literal["sgd", "adagrad", "rowwise_adagrad"] = Field(
+    embedding_optimizer: TableOptimizer = Field(
         "rowwise_adagrad", description="the fused tables' optimizer (what fbgemm's CPU kernel offers)")
     embedding_lr: float | None = Field(None, gt=0.0, description="the fused tables' learning rate; null: lr")
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'")

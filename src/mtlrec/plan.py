@@ -37,14 +37,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from mtlrec.config import Experiment, load_config
 from mtlrec.schema import Schema
 from mtlrec.train.optim import matches
+from mtlrec.train.sharding import SHARDINGS
 
-Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
-SHARDINGS: tuple[str, ...] = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
 DEVICES: tuple[str, ...] = ("cuda", "cpu")
 # "config": the optimizer the config trains the embedding with (train.optimizers' group for
 # "embedding", else train.optimizer); rowwise_adagrad is TorchRec's usual one for large tables

@@ -29,15 +29,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
-SHARDINGS: tuple[str, ...] = ("auto", "table_wise", "row_wise", "column_wise", "data_parallel")
-OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")  # what fbgemm's fused CPU kernel supports
+Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]  # auto: the planner's choice
+SHARDINGS: tuple[str, ...] = get_args(Sharding)
+TableOptimizer = Literal["sgd", "adagrad", "rowwise_adagrad"]  # what fbgemm's fused CPU kernel supports
+OPTIMIZERS: tuple[str, ...] = get_args(TableOptimizer)
 
 
 @dataclass(frozen=True)
