@@ -60,7 +60,7 @@ def test_ple_and_cgc_equal_the_paper(num_levels, task_experts, shared_experts, e
     name, extra = ("cgc", {}) if num_levels == 1 else ("ple", {"num_levels": num_levels})
     model, x = build(name, n_tasks, task_experts=task_experts, shared_experts=shared_experts,
                      expert_hidden=expert_hidden, gate_hidden=gate_hidden, tower_hidden=[3], **extra)
-    reps, _ = model.backbone(x)
+    reps = model.backbone(x).task_reps
     expected = plain_ple(model.backbone, x, task_experts, shared_experts)
     torch.testing.assert_close(reps, expected, atol=TOL, rtol=0)
     torch.testing.assert_close(model(Features(x[:, :0].long(), x)).logits, plain_towers(model, expected), atol=TOL, rtol=0)
@@ -73,7 +73,7 @@ def test_mmoe_equals_the_paper(gate_hidden):
     level = model.backbone.level
     experts = [plain_mlp(x, level.experts.expert_layers(i)) for i in range(5)]
     expected = torch.stack([mix(plain_gate(x, level.gates[k]), experts) for k in range(3)], dim=1)
-    reps, gates = model.backbone(x)
+    reps, gates, _ = model.backbone(x)
     torch.testing.assert_close(reps, expected, atol=TOL, rtol=0)
     assert sorted(gates) == ["gate/t0", "gate/t1", "gate/t2"]
 
@@ -83,7 +83,7 @@ def test_omoe_uses_one_gate_for_all_tasks():
     bb = model.backbone
     experts = [plain_mlp(x, bb.experts.expert_layers(i)) for i in range(3)]
     expected = mix(plain_gate(x, bb.gate), experts)
-    reps, _ = bb(x)
+    reps = bb(x).task_reps
     torch.testing.assert_close(reps[:, 0], expected, atol=TOL, rtol=0)
     torch.testing.assert_close(reps[:, 1], expected, atol=TOL, rtol=0)
 
@@ -103,7 +103,7 @@ def test_shared_bottom_and_single_task():
 
 def test_gates_are_distributions_of_the_right_size():
     model, x = build("ple", 3, num_levels=3, task_experts=[1, 2, 3], shared_experts=2, expert_hidden=[4])
-    _, gates = model.backbone(x)
+    _, gates, _ = model.backbone(x)
     expected = {}
     for level in (1, 2, 3):
         expected |= {f"level{level}/t{k}": m + 2 for k, m in enumerate([1, 2, 3])}

@@ -32,7 +32,7 @@ def test_asymmetric_sharing_reads_the_source_task_detached():
     bb = model.backbone
     own = [mlp(x, layers_of(f)) for f in bb.bottoms]
     expected = [mlp(torch.cat([own[k], own[1]], 1), layers_of(bb.fuse[k])) if k != 1 else own[1] for k in range(3)]
-    reps, _ = bb(x)
+    reps = bb(x).task_reps
     torch.testing.assert_close(reps, torch.stack(expected, 1), atol=TOL, rtol=0)
     model(Features(no_ids(x), x)).logits[:, 0].sum().backward()  # task a's loss
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in bb.bottoms[1].parameters())  # b's bottom: untouched
@@ -52,7 +52,7 @@ def test_cross_stitch_mixes_columns_after_every_layer():
     for layer, alpha in zip(bb.columns, bb.stitches):
         out = [mlp(h[k], layer.expert_layers(k)) for k in range(3)]  # column k, its own weights
         h = [sum(alpha[k, j] * out[j] for j in range(3)) for k in range(3)]
-    reps, _ = bb(x)
+    reps = bb(x).task_reps
     torch.testing.assert_close(reps, torch.stack(h, 1), atol=TOL, rtol=0)
 
 
@@ -86,7 +86,7 @@ def test_adatt_equals_the_paper(levels, counts, shared):
         for level in model.backbone.levels:
             for v in level.native:
                 v.add_(torch.randn_like(v))  # native weights away from their start
-    reps, gates = model.backbone(x)
+    reps, gates, _ = model.backbone(x)
     torch.testing.assert_close(reps, plain_adatt(model.backbone, x, counts, shared), atol=TOL, rtol=0)
     assert gates["level1/a"].shape[1] == sum(counts) + shared  # every expert of the level
     assert ("level1/shared" in gates) == (shared > 0 and levels > 1)
@@ -100,7 +100,7 @@ def test_adatt_needs_a_native_expert_per_task():
 def test_esmm_ctcvr_is_the_product_and_cvr_is_reported():
     model, x = build("esmm", tasks=("click", "buy"), hidden=[6])
     out = model(Features(no_ids(x), x))
-    reps, _ = model.backbone(x)
+    reps = model.backbone(x).task_reps
     ctr = mlp(reps[:, 0], layers_of(model.towers[0]), activate_last=False)[:, 0]
     cvr = mlp(reps[:, 1], layers_of(model.towers[1]), activate_last=False)[:, 0]
     torch.testing.assert_close(out.logits[:, 0], ctr)
@@ -131,7 +131,7 @@ def test_product_logit_is_accurate_at_the_extremes():
 
 def test_aitm_transfer_attention_and_calibrator():
     model, x = build("aitm", tasks=("click", "buy", "repeat"), hidden=[6], calibration=0.5)
-    q, _ = model.backbone(x)
+    q = model.backbone(x).task_reps
     z = [q[:, 0]]
     for t in (1, 2):
         p = mlp(z[-1], layers_of(model.transfers[t - 1]))

@@ -69,7 +69,7 @@ class AITM(MultiTaskModel):
         self.ait = nn.ModuleList(AdaptiveInformationTransfer(h, h) for _ in schema.tasks[1:])
 
     def forward(self, features: Features) -> ModelOutput:
-        q, gates = self.backbone(self.embedding(features))  # [B, T, H]
+        q, gates, _ = self.backbone(self.embedding(features))  # [B, T, H]; its backbone has no penalty
         z = [q[:, 0]]
         for t in range(1, q.shape[1]):
             z.append(self.ait[t - 1](self.transfers[t - 1](z[-1]), q[:, t]))

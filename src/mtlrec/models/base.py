@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 class BackboneOutput(NamedTuple):
     task_reps: Tensor  # [B, T, H]
     gates: dict[str, Tensor]  # gate name -> [B, experts the gate mixes]
+    penalty: Tensor | None = None  # the backbone's own loss term (load balance, sparsity), added to the training loss
 
 
 class ModelOutput(NamedTuple):
@@ -91,8 +92,8 @@ class MultiTaskModel(nn.Module):
         )
 
     def forward(self, features: Features) -> ModelOutput:
-        reps, gates = self.backbone(self.embedding(features))
-        return ModelOutput(self.tower_logits(reps), gates)
+        reps, gates, penalty = self.backbone(self.embedding(features))
+        return ModelOutput(self.tower_logits(reps), gates, penalty=penalty)
 
     def tower_logits(self, reps: Tensor) -> Tensor:
         """`[B, T, H]` task representations -> `[B, T]` logits, tower k reading reps[:, k]."""

@@ -54,7 +54,7 @@ class ESMM(MultiTaskModel):
         super().__init__(schema, backbone, options)
 
     def forward(self, features: Features) -> ModelOutput:
-        reps, gates = self.backbone(self.embedding(features))
+        reps, gates, _ = self.backbone(self.embedding(features))  # its backbone has no penalty
         ctr, cvr = self.tower_logits(reps).unbind(1)
         logits = torch.stack([ctr, product_logit(ctr, cvr)], dim=1)
         return ModelOutput(logits, gates, {"cvr": cvr})

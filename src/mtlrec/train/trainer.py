@@ -20,6 +20,7 @@ from mtlrec.data.source import BatchSource, Shard
 from mtlrec.data.tensors import TensorData
 from mtlrec.losses import create_weighting
 from mtlrec.models.base import shared_parameters
+from mtlrec.nn.stepped import stepped_modules
 from mtlrec.schema import Schema
 from mtlrec.tasks import TaskSet
 from mtlrec.train import distributed
@@ -129,6 +130,7 @@ class Trainer:
         # what a checkpoint must match to be resumed: the whole experiment config when known
         self.run_config = run_config if run_config is not None else {"train": config.model_dump(mode="json"),
                                                                       "seed": seed}
+        self.stepped = stepped_modules(self.model)  # state moved after each step, not by gradients
         self.has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self.history: list[dict[str, float]] = []
         self.global_step = 0
@@ -249,6 +251,8 @@ class Trainer:
         distributed.average_gradients(self.averaged)
         for opt in self.optimizers:
             opt.step()
+        for module in self.stepped:
+            module.after_optimizer_step()
         self.weighting.after_step()
         self.global_step += 1
         return weights.detach(), losses.detach()
