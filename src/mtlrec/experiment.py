@@ -37,6 +37,9 @@ class Splits:
 
 @dataclass
 class RunResult:
+    """What a run leaves. Under torchrun with sharded tables, `trained` holds the trained tables
+    on rank 0 only (the other processes' tables are meta tensors: shape, no data)."""
+
     trained: TrainedModel
     history: list[dict[str, float]]
     test_metrics: dict[str, float]
@@ -107,7 +110,8 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
         logits, targets = trainer.predict_split(test)
         test_metrics = evaluate_logits(trained.tasks, logits, targets)
         test_rows = prediction_table(trained.tasks, logits, targets)
-    trained.model.cpu()
+    if trainer.holds_model:  # sharded tables: only rank 0 gathered the trained tables
+        trained.model.cpu()
     seconds = time.perf_counter() - start
     parameters = sum(p.numel() for p in trained.model.parameters())
     if folder is not None and rank == 0:

@@ -239,6 +239,11 @@ class TorchRecEmbedding(nn.Module):
             out.update((name, embedding.weight) for name, embedding in collection.embeddings.items())
         return out
 
+    def table_keys(self) -> dict[str, str]:
+        """Table name -> the key of its weight in this module's state dict."""
+        keys = {id(value): key for key, value in self.state_dict(keep_vars=True).items()}
+        return {name: keys[id(weight)] for name, weight in self.table_weights().items()}
+
     def forward(self, features: Features) -> Tensor:
         lists = features.lists
         if not self.weighted and any(j.weights is not None for j in lists):
@@ -278,6 +283,17 @@ class TorchRecEmbedding(nn.Module):
         for mine, theirs in self._pairs(plain):
             mine.copy_(theirs)
         self.attention.load_state_dict(plain.attention.state_dict())
+
+    def state_from(self, plain: FeatureEmbedding) -> dict[str, Tensor]:
+        """This module's state dict filled from a `FeatureEmbedding` of the same schema, the tables
+        as views of `plain`'s rows (no copy). For a module built on the meta device, whose
+        storage `DistributedModelParallel` allocates shard by shard: loading this state gives
+        each process its rows without a second whole copy of the tables."""
+        layout = plain_layout(plain, self.schema)
+        state = {key: plain.tables[layout[name][0]].weight.detach()[layout[name][1]]
+                 for name, key in self.table_keys().items()}
+        state.update((f"attention.{key}", value) for key, value in plain.attention.state_dict().items())
+        return state
 
     @torch.no_grad()
     def copy_to(self, plain: FeatureEmbedding) -> None:

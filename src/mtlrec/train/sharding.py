@@ -25,6 +25,7 @@ Example (under torchrun, TorchRec installed):
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass
@@ -88,13 +89,16 @@ def plan(model: nn.Module, sharding: Sharding, sharders: list, device: torch.dev
 
 
 def shard_model(model: nn.Module, sharding: Sharding, optimizer: EmbeddingOptimizer,
-                device: torch.device | str = "cpu"):
+                device: torch.device | str = "cpu", initial: dict[str, torch.Tensor] | None = None):
     """`model` wrapped in DistributedModelParallel (needs an initialised process group), starting
-    from `model`'s own weights on every process."""
+    from `initial` (default: `model`'s own weights) on every process. A model whose tables are on
+    the meta device (`TorchRecTables.sharded_copy`) needs `initial`: each process then allocates
+    and fills only its shards."""
     from torchrec.distributed import DistributedModelParallel
 
     device = torch.device(device)
-    initial = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    if initial is None:
+        initial = {name: value.detach().clone() for name, value in model.state_dict().items()}
     sharders = [_sharder_class()(fused_params=optimizer.fused_params())]
     wrapped = DistributedModelParallel(model, device=device, plan=plan(model, sharding, sharders, device),
                                        sharders=sharders)
@@ -173,23 +177,59 @@ class TorchRecTables:
             owner.embedding = fast
         return model
 
+    def sharded_copy(self, model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """A copy of `model` for `shard_model`, and the state it starts from. The copy's tables
+        are TorchRec modules on the meta device (no storage: each process allocates only its
+        shards); the state holds `model`'s weights, its tables as views of the plain rows, so no
+        process ever holds a second whole copy of the tables."""
+        from mtlrec.nn.torchrec_embedding import TorchRecEmbedding
+
+        owners = embedding_owners(model)
+        work = copy.deepcopy(model, {id(owner.embedding): None for owner in owners.values()})  # tables not copied
+        initial: dict[str, torch.Tensor] = {}
+        for name, owner in owners.items():
+            tables = TorchRecEmbedding(self.schema, device="meta")
+            work.get_submodule(name).embedding = tables
+            prefix = f"{name}.embedding." if name else "embedding."
+            initial.update((prefix + key, value) for key, value in tables.state_from(owner.embedding).items())
+        initial.update((key, value) for key, value in work.state_dict().items() if key not in initial)
+        return work, initial
+
+    @staticmethod
+    def release(model: nn.Module) -> None:
+        """Free the plain tables' storage (sharded training holds the tables in its shards): each
+        becomes a meta tensor of the same shape, until `restore` fills it on the process that
+        gathers the trained tables. Using the model before that fails loudly (meta tensors)."""
+        for owner in embedding_owners(model).values():
+            for table in owner.embedding.tables:
+                table.weight = nn.Parameter(torch.empty_like(table.weight, device="meta"))
+
     def uninstall(self, model: nn.Module) -> None:
         for name, plain in self.plain.items():
             owner = model.get_submodule(name)
             owner.embedding.copy_to(plain)
             owner.embedding = plain
 
-    def restore(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Load a gathered state (a copy of `model` with TorchRec tables) into the plain `model`."""
-        from mtlrec.nn.torchrec_embedding import TorchRecEmbedding
+    def restore(self, model: nn.Module, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        """Load a gathered state (a copy of `model` with TorchRec tables) into the plain `model`,
+        each table's weight copied straight into its rows of the plain tables."""
+        from mtlrec.nn.torchrec_embedding import TorchRecEmbedding, plain_layout
 
+        keys = TorchRecEmbedding(self.schema, device="meta").table_keys()  # table -> its key, no storage
         owners = embedding_owners(model)
         prefixes = {name: f"{name}.embedding." if name else "embedding." for name in owners}
         rest = {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes.values())}
-        for name, prefix in prefixes.items():
-            fresh = TorchRecEmbedding(self.schema)
-            fresh.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
-            fresh.copy_to(owners[name].embedding)
+        with torch.no_grad():
+            for name, prefix in prefixes.items():
+                plain = owners[name].embedding
+                for table in plain.tables:
+                    if table.weight.is_meta:  # released while the shards held the tables
+                        table.weight = nn.Parameter(torch.empty_like(table.weight, device=device))
+                for table, (i, rows) in plain_layout(plain, self.schema).items():
+                    plain.tables[i].weight[rows] = state[prefix + keys[table]]
+                attention = {k.removeprefix(prefix + "attention."): v for k, v in state.items()
+                             if k.startswith(prefix + "attention.")}
+                plain.attention.load_state_dict(attention)
         result = model.load_state_dict(rest, strict=False)
         unexpected = [k for k in result.missing_keys if not any(k.startswith(p) for p in prefixes.values())]
         if unexpected or result.unexpected_keys:

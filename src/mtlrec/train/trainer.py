@@ -151,9 +151,17 @@ class Trainer:
                 raise ValueError("fused tables under torchrun must be sharded: set train.embedding_sharding "
                                  "(data_parallel copies every table to every process)")
             return tables.install(model, fused=True).to(self.device), tables
-        work = tables.install(copy.deepcopy(model), fused=False)
-        tables.plain.clear()  # the copy's plain modules are not the caller's
-        return shard_model(work, config.embedding_sharding, tables.optimizer, self.device), tables
+        work, initial = tables.sharded_copy(model)
+        wrapped = shard_model(work, config.embedding_sharding, tables.optimizer, self.device, initial)
+        del initial
+        tables.release(model)  # the shards hold the tables now; rank 0 gathers them back after training
+        return wrapped, tables
+
+    @property
+    def holds_model(self) -> bool:
+        """Whether this process's plain model holds every weight after `fit`: with sharded tables
+        only rank 0 gathers them (the other processes' plain tables stay on the meta device)."""
+        return not self.sharded or self.rank == 0
 
     def _plain_again(self) -> None:
         """Leave the trained weights in the plain model (the caller's, saved as the model folder):
@@ -167,7 +175,7 @@ class Trainer:
 
         state = gathered_state_dict(self.model)
         if state is not None:
-            self.tables.restore(self.plain_model, state)
+            self.tables.restore(self.plain_model, state, self.device)
 
     # ---------------------------------------------------------------- training
     def fit(self, train: BatchSource, valid: BatchSource | None = None, resume: bool = False) -> list[dict[str, float]]:
