@@ -38,6 +38,13 @@ PLAIN = {"optimizers": [{"params": "embedding", "optimizer": "sgd", "lr": 0.5},
 FUSED = {"embedding_optimizer": "sgd", "embedding_lr": 0.5}
 
 
+def test_a_model_with_more_embeddings_than_one_refuses_fused_tables(tmp_path):
+    raw = config(tmp_path, embedding_tables="fused", **FUSED)
+    raw["model"] = {"name": "stem", "expert_hidden": [8], "tower_hidden": [4]}  # T + 1 embeddings
+    with pytest.raises(ValueError, match=r"more embedding tables \(task_embeddings.0, task_embeddings.1\)"):
+        run_experiment(load_config(raw))
+
+
 def test_fused_tables_train_as_plain_tables_with_the_same_optimizer(tmp_path):
     plain = run_experiment(load_config(config(tmp_path, **PLAIN)), tmp_path / "plain")
     fused = run_experiment(load_config(config(tmp_path, embedding_tables="fused", **FUSED)), tmp_path / "fused")

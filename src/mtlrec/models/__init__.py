@@ -6,7 +6,9 @@ options (`mtlrec.models.registry`); the modules below are imported here so that 
 the order `mtlrec models` lists them. A new model is a new module named in that line.
 """
 
-from mtlrec.models import shared_bottom, separate, cross_stitch, moe, ple, esmm, aitm  # noqa: F401  (registers)
+from mtlrec.models import (  # noqa: F401  (registers)
+    shared_bottom, separate, cross_stitch, moe, dselect_k, ple, esmm, aitm, pepnet, stem,
+)
 from mtlrec.models.base import Backbone, BackboneOutput, ModelOutput, MultiTaskModel, SingleTaskModels
 from mtlrec.models.options import ExpertOptions, MLPOptions, ModelOptions
 from mtlrec.models.registry import ModelSpec, check_options, create, list_models, model_options, register_model, spec

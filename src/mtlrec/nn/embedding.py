@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from itertools import accumulate
+
 import torch
 from torch import Tensor, nn
 
@@ -79,6 +82,30 @@ class FeatureEmbedding(nn.Module):
             for k, f in enumerate(schema.lists) if f.attention is not None
         })
         self.out_dim = sum(f.embedding_dim for f in schema.sparse) + self.num_dense
+        # each feature's output columns in the layout forward returns (for feature_columns), schema order
+        layout = [(f.name, f.embedding_dim) for dim in dims for f in schema.singles if f.embedding_dim == dim]
+        layout += [(f.name, f.embedding_dim) for f in schema.lists] + [(f.name, 1) for f in schema.dense]
+        starts = accumulate((width for _, width in layout), initial=0)
+        where = {name: range(start, start + width) for (name, width), start in zip(layout, starts)}
+        self._columns_by_feature: dict[str, range] = {f.name: where[f.name] for f in [*schema.sparse, *schema.dense]}
+
+    def feature_columns(self, names: Sequence[str]) -> Tensor:
+        """The output columns (int64 `[sum of the features' widths]`) holding features `names`,
+        in the order given: a sparse feature's embedding_dim columns, a dense feature's one.
+        ValueError naming any name that is not a feature.
+
+        Example:
+            >>> from mtlrec.schema import DenseFeature, Schema, SparseFeature, Task
+            >>> schema = Schema(sparse=[SparseFeature(name="user", vocab_size=9, embedding_dim=3),
+            ...                         SparseFeature(name="item", vocab_size=9, embedding_dim=2)],
+            ...                 dense=[DenseFeature(name="age")], tasks=[Task(name="click")])
+            >>> FeatureEmbedding(schema).feature_columns(["user", "age"])  # item (size 2) comes first
+            tensor([2, 3, 4, 5])
+        """
+        unknown = [name for name in names if name not in self._columns_by_feature]
+        if unknown:
+            raise ValueError(f"unknown feature(s) {unknown}; features: {list(self._columns_by_feature)}")
+        return torch.tensor([c for name in names for c in self._columns_by_feature[name]], dtype=torch.long)
 
     def forward(self, features: Features) -> Tensor:
         ids, dense, lists = features

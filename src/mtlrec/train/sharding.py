@@ -152,6 +152,20 @@ def embedding_owners(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(getattr(m, "embedding", None), FeatureEmbedding)}
 
 
+def check_fusable(model: nn.Module) -> None:
+    """TorchRec's tables replace each `FeatureEmbedding` a module holds as `.embedding`; refuse a
+    model holding other embeddings (STEM's per-task tables), which would stay plain and untrained
+    by the fused optimizer."""
+    from mtlrec.nn.embedding import FeatureEmbedding
+
+    swapped = {id(owner.embedding) for owner in embedding_owners(model).values()}
+    others = [name for name, m in model.named_modules() if isinstance(m, FeatureEmbedding) and id(m) not in swapped]
+    if others:
+        raise ValueError("train.embedding_tables: fused and train.embedding_sharding replace the model's "
+                         f"`embedding` only; this model holds more embedding tables ({', '.join(others)}): "
+                         "use train.embedding_tables: plain")
+
+
 class TorchRecTables:
     """A model's plain tables swapped for TorchRec's for training, and back for the model folder.
 
@@ -298,6 +312,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-__all__ = ["OPTIMIZERS", "SHARDINGS", "EmbeddingOptimizer", "TorchRecTables", "dense_parameters",
+__all__ = ["OPTIMIZERS", "SHARDINGS", "EmbeddingOptimizer", "TorchRecTables", "check_fusable", "dense_parameters",
            "embedding_owners", "fused_kernel_optimizer", "fused_optimizers", "gathered_state_dict", "load_tables",
            "plan", "remove_old_tables", "save_tables", "shard_model"]

@@ -143,8 +143,9 @@ class Trainer:
         config = self.config
         if not config.fused_tables:
             return model, None
-        from mtlrec.train.sharding import EmbeddingOptimizer, TorchRecTables, shard_model
+        from mtlrec.train.sharding import EmbeddingOptimizer, TorchRecTables, check_fusable, shard_model
 
+        check_fusable(model)
         tables = TorchRecTables(schema, EmbeddingOptimizer(config.embedding_optimizer, config.embedding_lr or config.lr))
         if config.embedding_sharding == "none":
             if self.world > 1:
