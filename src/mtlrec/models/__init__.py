@@ -7,7 +7,8 @@ the order `mtlrec models` lists them. A new model is a new module named in that 
 """
 
 from mtlrec.models import (  # noqa: F401  (registers)
-    shared_bottom, separate, cross_stitch, moe, ml_mmoe, dselect_k, ple, home, esmm, aitm, dbmtl, pepnet, stem,
+    shared_bottom, separate, cross_stitch, snr, moe, ml_mmoe, dselect_k, ple, home, esmm, aitm, dbmtl,
+    pepnet, stem,
 )
 from mtlrec.models.base import Backbone, BackboneOutput, ModelOutput, MultiTaskModel, SingleTaskModels
 from mtlrec.models.options import ExpertOptions, MLPOptions, ModelOptions
