@@ -56,8 +56,47 @@ def test_figures_and_report(bench):
     assert plots.training_curves(out, summary["metrics"], out / "c.png") == ["validation auc/y1", "validation mse/y2"]
     assert plots.pareto(summary, out / "p.png") == ["auc/y1 vs mse/y2"]
     page = (out / "report.html").read_text()
-    assert page.count("<tr>") == 3 and page.count("data:image/png;base64,") == 2
-    assert f"{summary['rows'][1]['auc/y1']:.4f}" in page
+    # three tables: primary metrics (header + 2 models), paired (header + ple vs single_task), every metric
+    assert page.count("<table>") == 3 and page.count("<tr>") == 3 + 2 + 3 and page.count("data:image/png;base64,") == 2
+    assert f"{summary['rows'][1]['auc/y1']:.4f}" in page and f"{summary['rows'][1]['mae/y2']:.4f}" in page
+    assert "Paired differences" in page and "Paired differences" in (out / "bench.md").read_text()
+
+
+def test_paired_differences_equal_a_recomputation_from_the_runs(bench):
+    import math
+
+    from mtlrec.analysis.paired import t_quantile
+
+    _, summary = bench
+    runs = {(r["model"], r["seed"]): r for r in summary["runs"]}
+    found = {(d["model"], d["versus"], d["metric"]): d for d in summary["paired"]}
+    assert set(found) == {("ple", "single_task", "auc/y1"), ("ple", "single_task", "mse/y2")}  # no mmoe: no reference
+    for metric, sign in (("auc/y1", 1.0), ("mse/y2", -1.0)):
+        d = [sign * (runs[("ple", s)][metric] - runs[("single_task", s)][metric]) for s in (0, 1)]
+        got = found[("ple", "single_task", metric)]
+        mean, sd = sum(d) / 2, abs(d[0] - d[1]) / math.sqrt(2)
+        assert got["mean"] == pytest.approx(mean, abs=1e-12)
+        assert got["high"] - got["mean"] == pytest.approx(t_quantile(0.975, 1) * sd / math.sqrt(2), rel=1e-9)
+        assert got["won"] == sum(x > 0 for x in d) and got["seeds"] == 2
+        assert got["p"] == (1.0 if d[0] * d[1] <= 0 else 0.5)  # flipping one sign is as extreme iff signs differ
+
+
+def test_t_quantiles_match_the_tables_and_sign_flip_p_enumerates_every_pattern():
+    import itertools
+
+    from mtlrec.analysis.paired import paired, sign_flip_p, t_quantile
+
+    table = {1: 12.7062, 2: 4.3027, 4: 2.7764, 10: 2.2281, 30: 2.0423}  # Student's t, 97.5% (any statistics table)
+    for df, value in table.items():
+        assert t_quantile(0.975, df) == pytest.approx(value, abs=1e-4)
+    d = np.array([0.3, -0.1, 0.5, 0.2])
+    extreme = sum(abs(np.mean(np.array(s) * d)) >= abs(d.mean()) - 1e-12
+                  for s in itertools.product((1, -1), repeat=4))
+    assert sign_flip_p(d) == extreme / 16
+    worse = paired([0.5, 0.6, 0.7], [0.4, 0.5, 0.6], higher_is_better=False)  # lower is better: a is worse
+    assert worse.mean == pytest.approx(-0.1) and worse.won == 0 and worse.p == 0.25
+    with pytest.raises(ValueError, match="same seeds"):
+        paired([0.1], [0.1, 0.2], higher_is_better=True)
 
 
 def test_utilisation_sums_match_the_gates(tmp_path, tiny_config):

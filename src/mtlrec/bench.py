@@ -4,7 +4,10 @@ mean and std, and the MTL gain over the single-task baseline (PLE paper, Eq. 11)
     gain_k(model) = M_k(model) - M_k(single_task)  for metrics where higher is better (AUC),
                     M_k(single_task) - M_k(model)  where lower is better (MSE, log loss),
 
-so a positive gain always means the multi-task model did better on task k.
+so a positive gain always means the multi-task model did better on task k. Every model is
+also compared seed by seed with the baseline and with a reference model (MMoE by default):
+the paired differences, their 95% interval, an exact sign-flip p and the seeds won
+(`mtlrec.analysis.paired`).
 """
 
 from __future__ import annotations
@@ -16,16 +19,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mtlrec.analysis.paired import paired
 from mtlrec.config import Experiment, validate_config
 from mtlrec.experiment import encode_splits, run_experiment
 from mtlrec.tasks import TaskSet, higher_is_better
 
 BASELINE = "single_task"
+REFERENCE = "mmoe"
 
 
 def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: Path | None = None,
-              log=print) -> dict:
-    """Train every model for seeds config.seed .. config.seed + seeds - 1; returns the summary."""
+              log=print, reference: str = REFERENCE) -> dict:
+    """Train every model for seeds config.seed .. config.seed + seeds - 1; returns the summary
+    (paired comparisons against single_task and `reference`, where they are among the models)."""
     if seeds < 1 or not model_names:
         raise ValueError(f"a bench needs at least one seed and one model (got {seeds} seeds, models {model_names})")
     runs = []
@@ -40,7 +46,7 @@ def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: P
             log(f"{name:>14} seed {seed}: {len(result.history)} epochs, {result.seconds:.1f} s, {shown}")
             runs.append({"model": name, "seed": seed, "seconds": result.seconds,
                          "parameters": result.parameters, "epochs": len(result.history), **metrics})
-    summary = summarize(config, model_names, runs)
+    summary = summarize(config, model_names, runs, reference)
     if out_dir:
         write_outputs(summary, out_dir, config.name)
     return summary
@@ -83,8 +89,9 @@ def run_sweep(config: Experiment, correlations: list[float], model_names: list[s
     return rows
 
 
-def summarize(config: Experiment, model_names: list[str], runs: list[dict]) -> dict:
-    """Mean / std per model of every metric, and the MTL gain on each task's primary metric."""
+def summarize(config: Experiment, model_names: list[str], runs: list[dict], reference: str = REFERENCE) -> dict:
+    """Mean / std per model of every metric, the MTL gain on each task's primary metric, and
+    each model's paired differences (seed by seed) against single_task and `reference`."""
     tasks = TaskSet(config.schema)
     metric_names = tasks.metric_names
     rows = []
@@ -105,13 +112,36 @@ def summarize(config: Experiment, model_names: list[str], runs: list[dict]) -> d
             for row in rows:
                 row[f"gain {metric}"] = sign * (row[metric] - baseline[metric])
             gains.append(f"gain {metric}")
-    return {"metrics": tasks.primary_metrics, "gains": gains, "rows": rows, "runs": runs}
+    return {"metrics": tasks.primary_metrics, "all_metrics": metric_names, "gains": gains, "rows": rows,
+            "paired": paired_differences(runs, model_names, tasks.primary_metrics, reference), "runs": runs}
 
 
-def table_cells(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """The bench table as text cells: (header, one row per model). bench.md and report.html
-    both render this."""
-    metrics, gains = summary["metrics"], summary["gains"]
+def paired_differences(runs: list[dict], model_names: list[str], metrics: list[str], reference: str) -> list[dict]:
+    """For every model and every metric, its paired difference over the seeds against
+    single_task and against `reference` (each where present and not the model itself):
+    {"model", "versus", "metric", mean, low, high, p, won, seeds}; positive: the model did better."""
+    by_seed = {(r["model"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    out = []
+    for versus in dict.fromkeys([BASELINE, reference]):
+        if versus not in model_names:
+            continue
+        for name in model_names:
+            if name == versus:
+                continue
+            for metric in metrics:
+                a = [by_seed[(name, s)][metric] for s in seeds]
+                b = [by_seed[(versus, s)][metric] for s in seeds]
+                diff = paired(a, b, higher_is_better(metric))
+                out.append({"model": name, "versus": versus, "metric": metric, **diff.as_dict()})
+    return out
+
+
+def table_cells(summary: dict, metrics: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """The bench table as text cells: (header, one row per model), the primary metrics (or
+    `metrics`) as mean ± std. bench.md and report.html both render this."""
+    gains = summary["gains"] if metrics is None else []
+    metrics = summary["metrics"] if metrics is None else metrics
     head = ["model", *metrics, *gains, "params", "train s"]
     rows = []
     for row in summary["rows"]:
@@ -124,8 +154,33 @@ def table_cells(summary: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def paired_cells(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The paired differences as text cells: one row per (model, versus), one column per
+    metric: mean [95% interval], seeds won / seeds, sign-flip p."""
+    metrics = summary["metrics"]
+    head = ["model", "versus", *metrics]
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for d in summary.get("paired", []):
+        interval = "" if math.isnan(d["low"]) else f" [{_fmt(d['low'], True)}, {_fmt(d['high'], True)}]"
+        rows.setdefault((d["model"], d["versus"]), {})[d["metric"]] = (
+            f"{_fmt(d['mean'], True)}{interval}, won {d['won']}/{d['seeds']}, p {d['p']:.2f}")
+    return head, [[model, versus, *(cells.get(m, "") for m in metrics)] for (model, versus), cells in rows.items()]
+
+
 def markdown_table(summary: dict) -> str:
-    head, rows = table_cells(summary)
+    """bench.md: the primary metrics with the MTL gain, the paired differences, every metric."""
+    parts = [_markdown(*table_cells(summary))]
+    if summary.get("paired"):
+        parts.append("Paired differences, seed by seed (positive: the model did better than `versus`; "
+                     "mean [95% paired-t interval], seeds won, exact sign-flip p):\n\n"
+                     + _markdown(*paired_cells(summary)))
+    extra = [m for m in summary.get("all_metrics", []) if m not in summary["metrics"]]
+    if extra:
+        parts.append("Every metric (mean ± std):\n\n" + _markdown(*table_cells(summary, summary["all_metrics"])))
+    return "\n\n".join(parts)
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
 

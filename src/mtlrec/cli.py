@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("config", help="experiment YAML")
     bench.add_argument("--models", default=DEMO_MODELS, help=f"comma-separated (default {DEMO_MODELS})")
     bench.add_argument("--seeds", type=int, default=1, help="seeds per model (default 1)")
+    bench.add_argument("--reference", default="mmoe",
+                       help="model every other is also compared with seed by seed (default mmoe)")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--out", help="results folder (default: OUTPUT_DIR/NAME)")
 
@@ -173,7 +175,7 @@ def _bench(args) -> int:
     for name in names:
         models.check_options(name, config.models.get(name, {}))
     out = Path(args.out) if args.out else Path(config.output_dir) / config.name
-    summary = run_bench(config, names, args.seeds, out)
+    summary = run_bench(config, names, args.seeds, out, reference=args.reference)
     print(markdown_table(summary))
     print(f"\nresults, models, figures and report.html under {out}/")
     return 0
