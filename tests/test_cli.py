@@ -50,6 +50,11 @@ def test_train_evaluate_predict(files, capsys):
     assert list(predicted.columns) == ["id", "click", "watch"] and len(predicted) == 500
     assert predicted["id"].tolist() == list(range(1000, 1500))
     assert predicted["click"].between(0, 1).all()
+    capsys.readouterr()
+    pd.read_parquet(files / "test.parquet").rename(columns={"id": "click"}).to_parquet(files / "clash.parquet")
+    assert main(["predict", str(folder), str(files / "clash.parquet"), "--out", str(out), "--keep", "click"]) == 0
+    assert list(pd.read_csv(out).columns) == ["click", "click_pred", "watch"]  # the column kept, the prediction renamed
+    assert "prediction is written as 'click_pred'" in capsys.readouterr().err  # and said so
 
 
 def test_saved_model_predicts_like_the_model_in_memory(files):

@@ -69,3 +69,37 @@ def test_rank_command(tmp_path, tiny_config, capsys):
     with pytest.raises(ConfigError, match=r"rank.weights names unknown task\(s\) \['nope'\]"):
         load_config(raw | {"rank": {"weights": {"nope": 1.0}}})
     assert main(["rank", str(tmp_path / "m"), str(tmp_path / "t.csv"), "--group-by", "nobody"]) == 2
+
+
+def test_rank_computes_labels_as_training_does_and_says_what_it_cannot_compute(tmp_path, tiny_config, capsys):
+    raw = tiny_config | {"tasks": [{"name": "y1"}, {"name": "liked", "expression": "y2 == 1"}]}
+    raw["data"]["synthetic"]["task_types"] = ["binary", "binary"]
+    cfg = load_config(raw)
+    run_experiment(cfg, tmp_path / "m")
+    test = load_splits(cfg).test
+    test["user"] = np.arange(len(test)) % 20
+    test.to_csv(tmp_path / "t.csv", index=False)
+    assert main(["rank", str(tmp_path / "m"), str(tmp_path / "t.csv"), "--group-by", "user", "--top-k", "3"]) == 0
+    printed = capsys.readouterr()
+    from mtlrec.trained import load
+
+    predicted = load(tmp_path / "m").predict(test)
+    expected = gauc(test["y2"].to_numpy(), predicted["liked"].to_numpy(), test["user"].to_numpy())
+    line = next(row for row in printed.out.splitlines() if "gauc/liked" in row)
+    assert float(line.split()[-1]) == pytest.approx(expected, abs=1e-6)  # the expression's label, not skipped
+    assert "ndcg@3" in printed.out and "note" not in printed.err
+    # without y2 the expression cannot be evaluated: no GAUC for liked, no NDCG (its relevance names it), and notes
+    test.drop(columns=["y2"]).to_csv(tmp_path / "u.csv", index=False)
+    assert main(["rank", str(tmp_path / "m"), str(tmp_path / "u.csv"), "--group-by", "user", "--top-k", "3"]) == 0
+    printed = capsys.readouterr()
+    assert "gauc/y1" in printed.out and "gauc/liked" not in printed.out and "ndcg@3" not in printed.out
+    assert "no labels for task(s) ['liked']" in printed.err and "ndcg@3 not computed" in printed.err
+    # fusion weights overridden on the command line: the score is then p_y1 alone
+    out = tmp_path / "ranked.csv"
+    assert main(["rank", str(tmp_path / "m"), str(tmp_path / "t.csv"), "--group-by", "user", "--top-k", "3",
+                 "--set", "rank.weights={y1: 1.0}", "--out", str(out)]) == 0
+    ranked = pd.read_csv(out)
+    np.testing.assert_allclose(ranked["score"], ranked["p_y1"], rtol=1e-6)
+    assert main(["rank", str(tmp_path / "m"), str(tmp_path / "t.csv"), "--group-by", "user",
+                 "--set", "train.lr=0.1"]) == 2
+    assert "rank.* keys only" in capsys.readouterr().err

@@ -134,7 +134,7 @@ def test_rank_table_empty_item_cell_and_empty_group(ranked, tmp_path, capsys):
     trained = load(folder)
     table = table.assign(user=np.arange(len(table)) % 4)
     table.loc[5, "length"] = np.nan
-    top, _ = rank_table(trained, table, "user", top_k=10)
+    top, _, _ = rank_table(trained, table, "user", top_k=10)
     predictions = trained.predict(table)
     row = top.loc[5]
     y1, y2 = float(predictions.loc[5, "y1"]), float(predictions.loc[5, "y2"])

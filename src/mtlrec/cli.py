@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from mtlrec import models
-from mtlrec.config import ConfigError, load_config
+from mtlrec.config import ConfigError, apply_overrides, load_config, validate_config
 from mtlrec.data import DataError, read_table, write_table
 from mtlrec.folders import partial_folder
 from mtlrec.plan import add_plan_arguments, cli_plan
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--group-by", required=True, help="column that defines a ranking list (user, request)")
     rank.add_argument("--top-k", type=int, default=10)
     rank.add_argument("--out", help="write each group's top k rows with scores here (.csv/.parquet)")
+    rank.add_argument("--set", action="append", default=[], metavar="rank.KEY=VALUE",
+                      help="override the model's rank block, e.g. --set rank.weights.click=2 "
+                           "--set rank.item.power=0.3")
 
     export = commands.add_parser("export", help="ONNX or TorchScript, from raw feature values to predictions")
     export.add_argument("model", help="model folder")
@@ -161,6 +164,9 @@ def _predict(args) -> int:
         raise DataError(f"--keep: no column(s) {missing} in {args.data}")
     predictions = load(args.model).predict(table)
     clashes = {c: f"{c}_pred" for c in predictions.columns if c in args.keep}
+    for kept, renamed in clashes.items():
+        print(f"note: --keep column {kept!r} has a prediction's name: the prediction is written as {renamed!r}",
+              file=sys.stderr)
     out = pd.concat([table[args.keep], predictions.rename(columns=clashes)], axis=1)
     write_table(out, args.out)
     print(f"wrote {len(out)} rows to {args.out}")
@@ -230,14 +236,28 @@ def _rank(args) -> int:
 
     if args.top_k < 1:
         raise ValueError("--top-k must be at least 1")
-    top, metrics = rank_table(load(args.model), read_table(args.data), args.group_by, args.top_k)
+    trained = load(args.model)
+    if args.set:
+        trained.config = ranked_with(trained.config, args.set)
+    top, metrics, notes = rank_table(trained, read_table(args.data), args.group_by, args.top_k)
     if args.out:
         write_table(top, args.out)
         print(f"wrote {len(top)} rows ({top[args.group_by].nunique()} groups) to {args.out}")
     else:
         print(top.head(3 * args.top_k).to_string(index=False, max_cols=12))
     _print_metrics(metrics)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def ranked_with(config, overrides: list[str]):
+    """`config` with its `rank` block overridden (`rank.KEY=VALUE`); other keys are an error, as
+    they would not change a trained model."""
+    other = [o for o in overrides if not o.startswith("rank.")]
+    if other:
+        raise ValueError(f"mtlrec rank --set takes rank.* keys only (the model is trained): {other}")
+    return validate_config(apply_overrides(config.to_dict(), overrides))
 
 
 def _export(args) -> int:

@@ -114,10 +114,13 @@ def _group_indices(groups: np.ndarray) -> list[np.ndarray]:
     return np.split(order, bounds)
 
 
-def rank_table(trained, table: pd.DataFrame, group_by: str, top_k: int) -> tuple[pd.DataFrame, dict[str, float]]:
+def rank_table(trained, table: pd.DataFrame, group_by: str, top_k: int
+               ) -> tuple[pd.DataFrame, dict[str, float], list[str]]:
     """Score every row, keep each group's top k by the fused score, and compute the offline
-    metrics on the table's labels (those present). An empty `group_by` cell is an error; an
-    empty `rank.item` cell gives f(item) = 1."""
+    metrics on the table's labels, computed as training computes them (label column, `values`
+    map or `expression`; rows outside a task's space left out). Returns (top rows, metrics,
+    notes): a note says which metric could not be computed and why. An empty `group_by` cell
+    is an error; an empty `rank.item` cell gives f(item) = 1."""
     if group_by not in table.columns:
         raise ValueError(f"--group-by: no column {group_by!r} in the table")
     empty = table[group_by].isna().to_numpy()
@@ -131,16 +134,23 @@ def rank_table(trained, table: pd.DataFrame, group_by: str, top_k: int) -> tuple
     scored["rank"] = scored.groupby(group_by, sort=False)["score"].rank(ascending=False, method="first").astype(int)
     top = scored[scored["rank"] <= top_k].sort_values([group_by, "rank"], kind="stable")
     metrics: dict[str, float] = {}
+    notes: list[str] = []
     groups = table[group_by].to_numpy()
-    labelled = {t.name: t for t in schema.tasks if t.column and t.column in table.columns}
-    for name, task in labelled.items():
-        if kind_of(task.type).probability:  # GAUC of tasks whose labels are 0/1
-            y = pd.to_numeric(table[task.column], errors="coerce").to_numpy()
+    labels = trained.encoder.task_labels(table)
+    unlabelled = [t for t in schema.task_names if t not in labels]
+    if unlabelled:
+        notes.append(f"no labels for task(s) {unlabelled}: the table lacks the columns their labels are computed from")
+    for task in schema.tasks:
+        if task.name in labels and kind_of(task.type).probability:  # GAUC of tasks whose labels are 0/1
+            y = labels[task.name]
             keep = ~np.isnan(y)
-            metrics[f"gauc/{name}"] = gauc(y[keep], predictions[name].to_numpy()[keep], groups[keep])
+            metrics[f"gauc/{task.name}"] = gauc(y[keep], predictions[task.name].to_numpy()[keep], groups[keep])
     relevance_weights = dict(config.relevance) or rank_weights(config, schema)
-    if all(t in labelled for t in relevance_weights):
-        relevance = sum(r * np.nan_to_num(pd.to_numeric(table[labelled[t].column], errors="coerce").to_numpy())
-                        for t, r in relevance_weights.items())
+    missing = [t for t in relevance_weights if t not in labels]
+    if missing:
+        notes.append(f"ndcg@{top_k} not computed: the relevance sum_k r_k y_k needs the labels of {missing} "
+                     "(set rank.relevance to the tasks the table labels)")
+    else:
+        relevance = sum(r * np.nan_to_num(labels[t]) for t, r in relevance_weights.items())
         metrics[f"ndcg@{top_k}"] = ndcg_at_k(np.asarray(relevance, dtype=float), scored["score"].to_numpy(), groups, top_k)
-    return top, metrics
+    return top, metrics, notes

@@ -112,6 +112,23 @@ class Encoder:
                 names += [c for c in read if c not in names]
         return names
 
+    def task_labels(self, table: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Each task's label per row as training computes it (a column, a `values` map or an
+        `expression`; NaN where missing or outside the task's space), for the tasks whose inputs
+        are all in `table`; tasks with an input missing are left out."""
+        out: dict[str, np.ndarray] = {}
+        with _naming_file(table):
+            for task in self.raw_schema.tasks:
+                conditions = [c for c in (task.expression, task.space) if c]
+                read = ([task.column] if task.column else []) + sorted(set().union(*(parse(c).columns for c in conditions)))
+                if not all(c in table.columns for c in read):
+                    continue
+                values = _label_values(table, task)
+                if task.space:
+                    values = np.where(_condition(table, task.space, task.name, "space"), values, np.nan)
+                out[task.name] = values
+        return out
+
     @property
     def schema(self) -> Schema:
         """The schema with each sparse feature's vocab_size (vocabulary + the OOV id)."""
