@@ -18,7 +18,7 @@ def test_defaults_fill_schema_from_synthetic_data():
     "raw, expected",
     [
         ({"train": {"epoch": 3}}, "train.epoch: unknown field; allowed: ['alternating', 'batch_size'"),
-        ({"model": {"name": "moe"}}, "unknown model 'moe'; allowed: ['single_task', 'shared_bottom', 'asymmetric', 'cross_stitch', 'omoe', 'mmoe', 'cgc', 'ple', 'adatt', 'esmm', 'aitm']"),
+        ({"model": {"name": "moe"}}, "unknown model 'moe'; allowed: ['single_task', 'shared_bottom', 'asymmetric', 'cross_stitch', 'snr_aver', 'snr_trans', 'omoe', 'mmoe', 'routed_moe', 'ml_mmoe', 'dselect_k', 'cgc', 'ple', 'adatt', 'home', 'esmm', 'aitm', 'dbmtl', 'pepnet', 'stem']"),
         ({"model": {"name": "mmoe", "task_experts": 2}}, "model 'mmoe' has no option(s) ['task_experts']; allowed:"),
         ({"train": {"optimizer": "lbfgs"}}, "train.optimizer: Input should be 'adam', 'adamw', 'sgd' or 'adagrad'"),
         ({"tasks": [{"name": "a", "type": "multiclass"}]}, "tasks.0.type: unknown task type 'multiclass'; allowed: ['binary', 'regression', 'count', 'focal', 'tweedie', 'lognormal']"),

@@ -145,6 +145,9 @@ def _train(args) -> int:
     if rank == 0:
         print(f"saved {folder}  ({result.parameters:,} parameters, {result.seconds:.1f} s)")
         _print_metrics(result.test_metrics or result.history[-1])
+        if result.hit_epoch_cap:
+            print(f"note: the last of train.epochs = {config.train.epochs} epochs was the best on the validation "
+                  "split: the model may still have been improving (raise train.epochs)", file=sys.stderr)
     return 0
 
 
@@ -202,12 +205,14 @@ def _sweep(args) -> int:
 
 
 def _analyze(args) -> int:
-    from mtlrec.analysis import gate_utilisation, utilisation_table
+    from mtlrec.analysis import gate_load, gate_utilisation, load_imbalance, utilisation_table
     from mtlrec.analysis.plots import utilisation
     from mtlrec.trained import load
 
     trained = load(args.model)
-    table = utilisation_table(trained, gate_utilisation(trained, read_table(args.data)))
+    data = read_table(args.data)
+    loads = gate_load(trained, data)  # routed (top-k) gates only; {} otherwise
+    table = utilisation_table(trained, gate_utilisation(trained, data), loads or None)
     out = Path(args.out) if args.out else Path(args.model)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "utilisation.csv", index=False)
@@ -215,6 +220,9 @@ def _analyze(args) -> int:
     shares = table.groupby(["gate", "owner"], sort=False)["weight"].sum().unstack(fill_value=0.0)
     print("mean gate weight on each kind of expert (rows sum to 1):")
     print(shares.to_string(float_format="%.3f"))
+    if loads:
+        print("\nrouted gates: max load / mean load over their experts (1 = balanced); per expert in the 'load' column:")
+        print(pd.Series(load_imbalance(loads), name="imbalance").to_string(float_format="%.3f"))
     print(f"\nper expert: {out / 'utilisation.csv'}, figure: {out / 'utilisation.png'}")
     return 0
 

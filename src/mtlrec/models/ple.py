@@ -7,6 +7,12 @@ Every level but the last also has a shared gate over all experts of the level, f
     y_s = g_s(x_s)^T [E_1(x_1); ...; E_T(x_T); E_s(x_s)]
 Level 1 reads x everywhere (x_k = x_s = x). Level j > 1 reads level j-1's outputs:
 x_k = y_k, x_s = y_s (Eq. 5). The towers read the last level's y_k. CGC is PLE with one level.
+
+With `top_k` (DeepSeekMoE routing, `mtlrec.models.moe.RoutingOptions`) every gate of every level
+keeps its top_k experts among those it mixes above (task k's gate: E_k and E_s; the shared gate:
+all of the level's), g = the kept softmax values, 0 elsewhere; `always_on_experts` A_j per level,
+read from x_s, are added to every gate's mixture with weight 1:
+    y_k = sum_j A_j(x_s) + g_k(x_k)^T [E_k(x_k); E_s(x_s)]
 """
 
 from __future__ import annotations
@@ -16,15 +22,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from mtlrec.models.base import Backbone, BackboneOutput
+from mtlrec.models.moe import RoutingOptions
 from mtlrec.models.options import ExpertOptions
 from mtlrec.models.registry import register_model
 from mtlrec.nn import ExtractionLevel
 
 
-class PLEOptions(ExpertOptions):
+class LevelOptions(ExpertOptions):
+    """Stacked extraction levels of task-specific and shared experts (PLE, AdaTT)."""
+
     num_levels: PositiveInt = Field(2, description="extraction levels (1 = CGC)")
     task_experts: NonNegativeInt | list[NonNegativeInt] = Field(
         1, description="experts per task on every level: one count for all tasks, or one per task")
@@ -33,7 +42,18 @@ class PLEOptions(ExpertOptions):
         [256, 128], description="expert layer sizes, the same on every level, or one list per level")
 
 
-class AdaTTOptions(PLEOptions):
+class PLEOptions(LevelOptions, RoutingOptions):  # LevelOptions first: its expert_hidden (one list per level allowed)
+    @model_validator(mode="after")
+    def _top_k_within_experts(self) -> PLEOptions:
+        counts = [self.task_experts] if isinstance(self.task_experts, int) else self.task_experts
+        fewest = min(counts, default=0) + self.shared_experts
+        if self.top_k is not None and self.top_k > fewest:
+            raise ValueError(f"top_k = {self.top_k} exceeds the {fewest} experts a task's gate routes among "
+                             "(its task_experts and the shared_experts)")
+        return self
+
+
+class AdaTTOptions(LevelOptions):
     task_experts: NonNegativeInt | list[NonNegativeInt] = Field(
         2, description="experts per task on every level (at least 1 each)")
     shared_experts: NonNegativeInt = Field(0, description="shared experts per level (0: the paper's AdaTT-sp)")
@@ -48,7 +68,18 @@ class PLE(Backbone):
     Options (`PLEOptions`): num_levels (1 = CGC, registered as `cgc`); task_experts, per task
     on every level (one count, or one per task); shared_experts per level; expert_hidden, the
     same on every level (`[256, 128]`) or one list per level (`[[256, 128], [64]]`);
-    gate_hidden (empty: the paper's linear softmax gate); activation, dropout, batch_norm.
+    gate_hidden (empty: the paper's linear softmax gate); activation, dropout, batch_norm;
+    the routing options (`RoutingOptions`): top_k, each gate's kept experts among those it
+    mixes (None: all); always_on_experts per level; renormalise; balance (none, aux_loss,
+    bias) with balance_weight or bias_step; dispatch (dense or sparse).
+
+    Example:
+        >>> import torch
+        >>> options = PLEOptions(num_levels=2, task_experts=3, shared_experts=2, expert_hidden=[4],
+        ...                      top_k=2, always_on_experts=1, balance="aux_loss")
+        >>> out = PLE(in_dim=6, task_names=["click", "buy"], options=options).train()(torch.randn(5, 6))
+        >>> out.task_reps.shape, (out.gates["level1/shared"] > 0).sum(1).tolist(), out.penalty.shape
+        (torch.Size([5, 2, 4]), [2, 2, 2, 2, 2], torch.Size([]))
     """
 
     fusion = "own"  # task gates mix their own and the shared experts
@@ -66,6 +97,9 @@ class PLE(Backbone):
                 raise ValueError(f"expert_hidden has {len(per_level)} lists for {num_levels} levels")
         else:
             per_level = [list(expert_hidden)] * num_levels
+        routed = options if isinstance(options, RoutingOptions) else None  # AdaTT's options do not route
+        routing = routed.routing() if routed else None
+        always_on = routed.always_on_experts if routed else 0
         self.levels = nn.ModuleList()
         width = in_dim
         for j, hidden in enumerate(per_level):
@@ -74,11 +108,13 @@ class PLE(Backbone):
                 shared_gate=j < num_levels - 1 and (o.shared_experts > 0 or self.fusion == "own"),
                 first=j == 0, activation=o.activation, dropout=o.dropout, batch_norm=o.batch_norm,
                 name=f"level{j + 1}", fusion=self.fusion, native=self.native,
+                always_on_experts=always_on, routing=routing,
             )
             self.levels.append(level)
             width = level.out_dim
         self.out_dim = width
         self.gate_experts = {g: e for level in self.levels for g, e in level.gate_experts.items()}
+        self.gate_top_k = {g: k for level in self.levels for g, k in level.gate_top_k.items()}
 
     def task_modules(self, task: int) -> list[nn.Module]:
         return [m for level in self.levels for m in level.task_modules(task)]
@@ -91,12 +127,15 @@ class PLE(Backbone):
 
     def forward(self, x: Tensor) -> BackboneOutput:
         gates: dict[str, Tensor] = {}
+        penalty = None
         for level in self.levels:
-            task_reps, shared, level_gates = level(x)
+            task_reps, shared, level_gates, level_penalty = level(x)
             gates.update(level_gates)
+            if level_penalty is not None:
+                penalty = level_penalty if penalty is None else penalty + level_penalty
             inputs = task_reps if shared is None else torch.cat([task_reps, shared.unsqueeze(1)], dim=1)
             x = inputs.transpose(0, 1)  # [T(+1), B, H]: the next level's inputs
-        return BackboneOutput(task_reps, gates)
+        return BackboneOutput(task_reps, gates, penalty)
 
 
 @register_model("adatt", AdaTTOptions, "task expert levels, each task fusing all experts plus its own native ones "
@@ -110,7 +149,7 @@ class AdaTT(PLE):
     at 1/m_t). With `shared_experts` = 0 this is the paper's AdaTT-sp; with shared experts a
     shared gate over all experts feeds them on the next level (every level but the last).
 
-    Options (`AdaTTOptions`): as PLE, with `task_experts` at least 1 per task.
+    Options (`AdaTTOptions`): as PLE, with `task_experts` at least 1 per task, without routing.
     """
 
     fusion = "all"

@@ -6,17 +6,33 @@ own and the shared experts, from task k's input x_k:
 with a shared gate over all experts of the level, from x_s, where the level has one:
     y_s = g_s(x_s)^T [E_1(x_1); ...; E_T(x_T); E_s(x_s)]
 MMoE is one level without task experts; PLE stacks levels; AdaTT's gates mix every expert.
+
+Routed levels (DeepSeekMoE, `mtlrec.nn.routing`): every gate keeps the top k of the experts it
+mixes above (task k's gate: its own and the shared experts; the shared gate: every task's and the
+shared experts; MMoE's gates: all experts), its weights g the kept softmax values (0 for the
+others), and every gate adds the level's always-on experts A_1..A_a with weight 1:
+    y_k = sum_i A_i(x_s) + g_k(x_k)^T [E_k(x_k); E_s(x_s)]
+Always-on experts read the shared input (x on the first level), as the shared experts do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from mtlrec.nn.experts import ExpertBank
 from mtlrec.nn.gates import Gate
+from mtlrec.nn.routing import Router, Routing, sparse_mix
+
+
+class LevelOutput(NamedTuple):
+    task_reps: Tensor  # [B, T, H], each task's mixture y_k
+    shared: Tensor | None  # [B, H], the shared gate's mixture y_s; None without a shared gate
+    gates: dict[str, Tensor]  # gate name -> [B, experts it mixes]
+    penalty: Tensor | None = None  # the routers' balance loss (routing with balance="aux_loss")
 
 
 class ExtractionLevel(nn.Module):
@@ -27,9 +43,14 @@ class ExtractionLevel(nn.Module):
     gates mix their experts in one batched product. On the first level, linear gates (the
     papers' kind) read the same x and are computed together: one matmul, one softmax.
 
+    With `routing` (a `Routing`), a `Router` keeps each gate's top k experts (its weights
+    `[B, gates, E]` take the place of the softmax ones) and, for dispatch "sparse", only the
+    chosen experts run (`sparse_mix`; traced for export, the level runs densely: same numbers).
+    `always_on_experts` > 0 adds a second bank, summed with weight 1 into every gate's output.
+
     Input: x `[B, I]` on the first level, else `[T+1, B, I]` (each task's input, then the
-    shared input). Output: task outputs `[B, T, H]`, shared output `[B, H]` (None without a
-    shared gate), and the gate weights by name.
+    shared input). Output: `LevelOutput`, task outputs `[B, T, H]`, shared output `[B, H]`
+    (None without a shared gate), the gate weights by name, the balance loss (or None).
     """
 
     def __init__(
@@ -48,13 +69,20 @@ class ExtractionLevel(nn.Module):
         name: str = "level1",
         fusion: str = "own",
         native: bool = False,
+        always_on_experts: int = 0,
+        routing: Routing | None = None,
     ):
         super().__init__()
         t = len(task_names)
         if len(task_experts) != t:
             raise ValueError(f"task_experts has {len(task_experts)} entries for {t} tasks")
-        if any(m < 0 for m in task_experts) or shared_experts < 0:
+        if any(m < 0 for m in task_experts) or shared_experts < 0 or always_on_experts < 0:
             raise ValueError("expert counts must be >= 0")
+        if routing is not None and native:
+            raise ValueError("routing is not defined for AdaTT's native experts")
+        if routing is not None and routing.dispatch == "sparse" and batch_norm:
+            raise ValueError("dispatch = 'sparse' cannot run batch norm in the experts (its statistics "
+                             "would be over each expert's rows); use dispatch = 'dense'")
         for task, m in zip(task_names, task_experts):
             if m + shared_experts == 0 or (native and m == 0):
                 raise ValueError(f"task {task!r} has no expert to read: give it task or shared experts"
@@ -101,6 +129,18 @@ class ExtractionLevel(nn.Module):
         # linear gates that read one input (the first level) run as one matmul
         self.fused_gates = first and not gate_hidden
         self.gate_sizes = [len(c) for c in columns]
+        # DeepSeekMoE's isolated shared experts: every gate adds them with weight 1
+        self.always_on = (ExpertBank(in_dim, always_on_experts, expert_hidden, activation, dropout, batch_norm)
+                          if always_on_experts else None)
+        self.router = None
+        self.gate_top_k: dict[str, int] = {}  # routed gates -> the experts each keeps per row
+        if routing is not None:
+            candidates = torch.zeros(len(columns), num_experts, dtype=torch.bool)
+            for g, c in enumerate(columns):
+                candidates[g, c] = True
+            self.router = Router(candidates, routing, self.gate_names)
+            self.gate_top_k = {g: routing.top_k for g in self.gate_names}
+        self.sparse = routing is not None and routing.dispatch == "sparse"
 
     def task_modules(self, task: int) -> list[nn.Module]:
         return [self.gates[task]]
@@ -113,25 +153,36 @@ class ExtractionLevel(nn.Module):
         no other gate reads them), as (parameter, bool mask)."""
         return self.experts.expert_masks(self.exclusive[task]) if self.exclusive and self.exclusive[task] else []
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-        experts = self.experts(x)  # [B, E, H]
-        b, n_gates = experts.shape[0], len(self.gates)
+    def forward(self, x: Tensor) -> LevelOutput:
+        sparse = self.sparse and not torch.jit.is_tracing()  # a trace (export) runs densely
+        experts = None if sparse else self.experts(x)  # [B, E, H]
+        b, n_gates = x.shape[-2], len(self.gates)
         if self.fused_gates:
             mix = self._fused_gate_mix(x)
             flat = mix.view(b, -1).index_select(1, self.mix_index)
-            weights = list(flat.split(self.gate_sizes, dim=1))
         else:
-            weights = [gate(x if self.first else x[g]) for g, gate in enumerate(self.gates)]
-            flat = torch.cat(weights, dim=1)  # in the gates' dtype (float32 under CUDA autocast)
-            mix = flat.new_zeros(b, n_gates * self.num_experts)
+            flat = torch.cat([gate(x if self.first else x[g]) for g, gate in enumerate(self.gates)], dim=1)
+            mix = flat.new_zeros(b, n_gates * self.num_experts)  # in the gates' dtype (float32 under CUDA autocast)
             mix = mix.index_copy(1, self.mix_index, flat).view(b, n_gates, self.num_experts)
+        routed = None
+        if self.router is not None:
+            routed = self.router(mix)
+            mix = routed.weights
+            flat = mix.view(b, -1).index_select(1, self.mix_index)
+        weights = list(flat.split(self.gate_sizes, dim=1))
         if self.native is not None:
             native = torch.cat(list(self.native)).to(flat.dtype)
             v = flat.new_zeros(n_gates * self.num_experts).index_copy(0, self.native_index, native)
             mix = mix + v.view(n_gates, self.num_experts)
-        mixed = torch.bmm(mix.to(experts.dtype), experts)  # [B, gates, H]
+        if experts is None:
+            mixed = sparse_mix(self.experts, x, mix, routed.chosen)  # [B, gates, H]
+        else:
+            mixed = torch.bmm(mix.to(experts.dtype), experts)  # [B, gates, H]
+        if self.always_on is not None:
+            mixed = mixed + self.always_on(x if self.first else x[self.num_tasks]).sum(1, keepdim=True)
         shared = mixed[:, self.num_tasks] if self.shared_gate else None
-        return mixed[:, : self.num_tasks], shared, dict(zip(self.gate_names, weights))
+        penalty = routed.penalty if routed is not None else None
+        return LevelOutput(mixed[:, : self.num_tasks], shared, dict(zip(self.gate_names, weights)), penalty)
 
     def _fused_gate_mix(self, x: Tensor) -> Tensor:
         """Every linear gate from one matmul over x `[B, I]`: the logits land in a `[B, gates, E]`

@@ -18,6 +18,11 @@ class SteppedModule(nn.Module):
     def after_optimizer_step(self) -> None:
         raise NotImplementedError
 
+    def end_epoch(self) -> dict[str, float]:
+        """Figures for the epoch's log row (e.g. a router's load imbalance), called at the end of
+        every training epoch on every process (it may all-reduce)."""
+        return {}
+
 
 def stepped_modules(model: nn.Module) -> list[SteppedModule]:
     """The `SteppedModule`s of `model`, in `model.modules()` order."""

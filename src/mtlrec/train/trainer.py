@@ -26,7 +26,7 @@ from mtlrec.tasks import TaskSet
 from mtlrec.train import distributed
 from mtlrec.train.alternating import TaskSchedule
 from mtlrec.train.checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mtlrec.train.early_stopping import EarlyStopping
+from mtlrec.train.early_stopping import COMBINED, EarlyStopping, combined_score
 from mtlrec.train.evaluation import evaluate_logits
 from mtlrec.train.optim import build_optimizers
 
@@ -124,7 +124,8 @@ class Trainer:
         # data parallel: every gradient averaged after backward; sharded, DistributedDataParallel does the model's
         self.averaged = [*([] if self.sharded else self.model.parameters()), *self.weighting.parameters()]
         self.schedule = TaskSchedule(config.alternating.order, len(self.tasks), config.alternating.ratios, seed)
-        self.stopping = EarlyStopping(config.early_stopping.metric, config.early_stopping.patience)
+        stopping = config.early_stopping
+        self.stopping = EarlyStopping(stopping.metric, stopping.patience, stopping.min_delta)
         self.log_path = Path(log_path) if log_path and self.rank == 0 else None
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         # what a checkpoint must match to be resumed: the whole experiment config when known
@@ -195,12 +196,20 @@ class Trainer:
             row["seconds"] = time.perf_counter() - start
             if valid is not None:
                 row |= {f"valid/{k}": v for k, v in self.evaluate(valid).items()}
+                if self.config.early_stopping.combine:
+                    row[f"valid/{COMBINED}"] = combined_score(row, self.config.early_stopping.combine)
                 self.stopping.update(row[f"valid/{self.stopping.metric}"], self.model)
             self._log(row)
             self._checkpoint(generator.get_state(), epoch + 1, 0, None)
         self.stopping.restore_best(self.model)
         self._plain_again()
         return self.history
+
+    @property
+    def hit_epoch_cap(self) -> bool:
+        """Whether training ran all `config.epochs` with the last epoch the best (validated runs):
+        it may have been stopped while still improving."""
+        return bool(self.history) and self.history[-1]["epoch"] == self.config.epochs and self.stopping.best_is_last
 
     def _train_epoch(self, source: Shard, generator: torch.Generator, epoch: int, skip: int,
                      totals: EpochTotals | None) -> dict[str, float]:
@@ -231,6 +240,8 @@ class Trainer:
         row = {"train/loss": (distributed.total(totals.total) / steps).item()}
         row |= {f"train/loss/{n}": v for n, v in zip(self.tasks.names, mean_losses.tolist())}
         row |= {f"weight/{n}": v for n, v in zip(self.tasks.names, totals.weights.tolist())}
+        for module in self.stepped:
+            row |= module.end_epoch()
         return row
 
     def _batches(self, source: Shard, generator: torch.Generator, skip: int) -> Iterator[TensorData]:
