@@ -94,3 +94,21 @@ def test_metrics_of_a_task_are_restricted_to_its_sample_space(tiny_config):
     inside = splits.test[splits.test["y1"] == 1]
     predicted = result.trained.predict(splits.test)["y2"][splits.test["y1"] == 1]
     assert result.test_metrics["mse/y2"] == pytest.approx(float(((predicted - inside["y2"]) ** 2).mean()), rel=1e-5)
+
+
+def test_combined_early_stopping_watches_the_weighted_sum_and_min_delta_and_cap_are_kept(tiny_config):
+    raw = small(tiny_config, epochs=3, early_stopping={"metric": "combined", "patience": 5,
+                                                       "combine": {"auc/y1": 1.0, "mse/y2": 0.5}})
+    result = run_experiment(load_config(raw))
+    for row in result.history:  # higher is better: the AUC counts up, the MSE down
+        assert row["valid/combined"] == pytest.approx(row["valid/auc/y1"] - 0.5 * row["valid/mse/y2"], abs=1e-12)
+    best = max(range(3), key=lambda i: result.history[i]["valid/combined"])
+    assert result.hit_epoch_cap == (best == 2)  # 3 epochs, no early stop: capped iff the last was the best
+    with pytest.raises(Exception, match="metric 'combined' and combine"):
+        load_config(small(tiny_config, early_stopping={"metric": "combined"}))
+    with pytest.raises(Exception, match=r"combine names unknown metric\(s\) \['auc/nope'\]"):
+        load_config(small(tiny_config, early_stopping={"metric": "combined", "combine": {"auc/nope": 1.0}}))
+    # min_delta larger than any change: the first epoch stays the best, so the run stops after patience epochs
+    raw = small(tiny_config, epochs=6, early_stopping={"metric": "auc/y1", "patience": 2, "min_delta": 1.0})
+    result = run_experiment(load_config(raw))
+    assert len(result.history) == 3 and not result.hit_epoch_cap

@@ -43,9 +43,10 @@ def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: P
             result = run_experiment(cfg, folder, encoded=encoded, overwrite=True)  # a bench rewrites its runs
             metrics = result.test_metrics or {k.removeprefix("valid/"): v for k, v in result.history[-1].items()}
             shown = "  ".join(f"{m} {metrics[m]:.4f}" for m in TaskSet(config.schema).primary_metrics)
-            log(f"{name:>14} seed {seed}: {len(result.history)} epochs, {result.seconds:.1f} s, {shown}")
-            runs.append({"model": name, "seed": seed, "seconds": result.seconds,
-                         "parameters": result.parameters, "epochs": len(result.history), **metrics})
+            capped = " (hit the epoch cap while improving)" if result.hit_epoch_cap else ""
+            log(f"{name:>14} seed {seed}: {len(result.history)} epochs{capped}, {result.seconds:.1f} s, {shown}")
+            runs.append({"model": name, "seed": seed, "seconds": result.seconds, "parameters": result.parameters,
+                         "epochs": len(result.history), "hit_epoch_cap": result.hit_epoch_cap, **metrics})
     summary = summarize(config, model_names, runs, reference)
     if out_dir:
         write_outputs(summary, out_dir, config.name)
@@ -98,7 +99,9 @@ def summarize(config: Experiment, model_names: list[str], runs: list[dict], refe
     for name in model_names:
         mine = [r for r in runs if r["model"] == name]
         row = {"model": name, "seeds": len(mine), "parameters": mine[0]["parameters"],
-               "seconds": float(np.mean([r["seconds"] for r in mine]))}
+               "seconds": float(np.mean([r["seconds"] for r in mine])),
+               "epochs": float(np.mean([r["epochs"] for r in mine])),
+               "capped": sum(bool(r.get("hit_epoch_cap")) for r in mine)}
         for metric in metric_names:
             values = np.array([r[metric] for r in mine], dtype=float)
             row[metric] = float(values.mean())
@@ -142,14 +145,15 @@ def table_cells(summary: dict, metrics: list[str] | None = None) -> tuple[list[s
     `metrics`) as mean ± std. bench.md and report.html both render this."""
     gains = summary["gains"] if metrics is None else []
     metrics = summary["metrics"] if metrics is None else metrics
-    head = ["model", *metrics, *gains, "params", "train s"]
+    head = ["model", *metrics, *gains, "params", "train s", "epochs (capped)"]
     rows = []
     for row in summary["rows"]:
         cells = [row["model"]]
         for m in metrics:
             cells.append(_fmt(row[m]) + (f" ± {_fmt(row[m + ' std'])}" if row["seeds"] > 1 else ""))
         cells += [_fmt(row[g], signed=True) for g in gains]
-        cells += [f"{row['parameters']:,}", f"{row['seconds']:.1f}"]
+        epochs = f"{row.get('epochs', float('nan')):.1f}" + (f" ({row['capped']})" if row.get("capped") else "")
+        cells += [f"{row['parameters']:,}", f"{row['seconds']:.1f}", epochs]
         rows.append(cells)
     return head, rows
 

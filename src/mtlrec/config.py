@@ -86,8 +86,12 @@ class ModelConfig(BaseModel):
 
 
 class EarlyStopping(ConfigBlock):
-    metric: str = Field("loss", description="validation metric: 'loss', 'loss/TASK', 'auc/TASK', 'mse/TASK', ...")
+    metric: str = Field("loss", description="validation metric: 'loss', 'loss/TASK', 'auc/TASK', 'mse/TASK', ...; "
+                                            "'combined': the weighted sum of `combine`")
     patience: int | None = Field(3, ge=1, description="epochs without improvement; null = never stop early")
+    min_delta: float = Field(0.0, ge=0.0, description="an epoch improves only by more than this")
+    combine: dict[str, float] = Field({}, description="metric: 'combined' watches sum_m w_m s_m v_m over these "
+                                                      "validation metrics (s_m = -1 where lower is better)")
 
 
 class Alternating(ConfigBlock):
@@ -221,10 +225,15 @@ class Experiment(ConfigBlock):
             self.model = ModelConfig(name=self.model.name, **{**preset, **self.model.options})
         tasks = TaskSet(schema)
         create_weighting(self.train.weighting, tasks)  # its options' values, checked against the tasks
-        metric = self.train.early_stopping.metric
+        stopping = self.train.early_stopping
         allowed = tasks.validation_keys
-        if metric not in allowed:
-            raise ValueError(f"train.early_stopping.metric {metric!r} is not one of {allowed}")
+        if stopping.metric not in [*allowed, "combined"]:
+            raise ValueError(f"train.early_stopping.metric {stopping.metric!r} is not one of {allowed} or 'combined'")
+        unknown = sorted(set(stopping.combine) - set(allowed))
+        if unknown:
+            raise ValueError(f"train.early_stopping.combine names unknown metric(s) {unknown}; allowed: {allowed}")
+        if (stopping.metric == "combined") != bool(stopping.combine):
+            raise ValueError("train.early_stopping: metric 'combined' and combine {metric: weight, ...} go together")
         for field in ("weights", "relevance"):
             unknown = sorted(set(getattr(self.rank, field)) - set(schema.task_names))
             if unknown:

@@ -46,6 +46,7 @@ class RunResult:
     folder: Path | None
     seconds: float
     parameters: int
+    hit_epoch_cap: bool = False  # all train.epochs ran and the last was the best: it may still have been improving
 
 
 def load_splits(config: Experiment) -> Splits:
@@ -118,11 +119,12 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
         trained.write_files(work)
         if test_rows is not None:
             test_rows.to_parquet(work / "test_predictions.parquet", index=False)
-        summary = {"test": test_metrics, "seconds": seconds, "parameters": parameters, "epochs": len(history)}
+        summary = {"test": test_metrics, "seconds": seconds, "parameters": parameters, "epochs": len(history),
+                   "hit_epoch_cap": trainer.hit_epoch_cap}
         (work / "metrics.json").write_text(json.dumps(summary, indent=2))
         remove_checkpoint(work)  # the run is finished: nothing left to resume
         publish(work, folder, overwrite=True)  # checked before training: replacing was allowed
-    return RunResult(trained, history, test_metrics, folder, seconds, parameters)
+    return RunResult(trained, history, test_metrics, folder, seconds, parameters, trainer.hit_epoch_cap)
 
 
 def prepare_work_folder(folder: Path, work: Path, resume: bool, overwrite: bool) -> None:
