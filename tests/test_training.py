@@ -112,3 +112,23 @@ def test_combined_early_stopping_watches_the_weighted_sum_and_min_delta_and_cap_
     raw = small(tiny_config, epochs=6, early_stopping={"metric": "auc/y1", "patience": 2, "min_delta": 1.0})
     result = run_experiment(load_config(raw))
     assert len(result.history) == 3 and not result.hit_epoch_cap
+
+
+def test_single_task_networks_each_keep_their_own_best_epoch(tiny_config):
+    raw = small(tiny_config, epochs=8, lr=0.05, early_stopping={"metric": "loss", "patience": 2})
+    raw["model"] = {"name": "single_task", "hidden": [16], "tower_hidden": [8]}
+    cfg = load_config(raw)
+    result = run_experiment(cfg)
+    history = result.history
+    valid = load_splits(cfg).valid
+    got = result.trained.evaluate(valid)
+    best = {t: min(range(len(history)), key=lambda i: history[i][f"valid/loss/{t}"]) for t in ("y1", "y2")}
+    assert best["y1"] != best["y2"]  # the case where one stopping point would short-change a task
+    for t in ("y1", "y2"):  # each network restored to the epoch of its own lowest validation loss
+        assert got[f"loss/{t}"] == pytest.approx(history[best[t]][f"valid/loss/{t}"], abs=1e-6)
+    # training went on until both networks had waited `patience` epochs past their best
+    assert len(history) == min(8, max(best.values()) + 1 + 2)
+    joint = run_experiment(load_config(raw | {"train": raw["train"] | {
+        "early_stopping": {"metric": "loss", "patience": 2, "per_task": False}}}))
+    one = min(range(len(joint.history)), key=lambda i: joint.history[i]["valid/loss"])
+    assert joint.trained.evaluate(valid)["loss/y1"] == pytest.approx(joint.history[one]["valid/loss/y1"], abs=1e-6)

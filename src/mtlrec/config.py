@@ -92,6 +92,8 @@ class EarlyStopping(ConfigBlock):
     min_delta: float = Field(0.0, ge=0.0, description="an epoch improves only by more than this")
     combine: dict[str, float] = Field({}, description="metric: 'combined' watches sum_m w_m s_m v_m over these "
                                                       "validation metrics (s_m = -1 where lower is better)")
+    per_task: bool = Field(True, description="single_task: each task's network stops on its own task's metric "
+                                             "(its own best epoch, as if trained alone)")
 
 
 class Alternating(ConfigBlock):

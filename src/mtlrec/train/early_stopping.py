@@ -56,6 +56,10 @@ class EarlyStopping:
         self.epochs = 0  # epochs scored
         self.waited = 0
 
+    def observe(self, row: dict[str, float], model: nn.Module) -> None:
+        """`update` with this stopper's metric read from an epoch row (`valid/<metric>`)."""
+        self.update(row[f"valid/{self.metric}"], model)
+
     def update(self, score: float, model: nn.Module) -> None:
         self.epochs += 1
         if self.best is None or (not math.isnan(score) and self.sign * (score - self.best) > self.min_delta):
@@ -86,3 +90,65 @@ class EarlyStopping:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_state, self.waited = state["best"], state["best_state"], state["waited"]
         self.best_epoch, self.epochs = state.get("best_epoch", 0), state.get("epochs", 0)
+
+
+def task_metric(metric: str, task: str, validation_keys: list[str]) -> str:
+    """The metric a single-task network of `task` stops on, given the configured `metric`: the
+    same metric of its own task (auc/click -> auc/like), its own loss for 'loss', 'combined' or a
+    metric its task kind does not have.
+
+    Example:
+        >>> keys = ["loss", "loss/click", "loss/time", "auc/click", "mse/time"]
+        >>> [task_metric("auc/click", t, keys) for t in ("click", "time")]
+        ['auc/click', 'loss/time']
+    """
+    kind = metric.split("/")[0]
+    own = f"{kind}/{task}"
+    return own if metric not in ("loss", COMBINED) and own in validation_keys else f"loss/{task}"
+
+
+class PerTaskStopping:
+    """Early stopping for the single-task baseline (`SingleTaskModels`): one `EarlyStopping` per
+    network, each on its own task's metric (`task_metric`), so each network keeps its own best
+    epoch, as if trained alone. Training goes on until every network has run out of patience; a
+    network past its best keeps training, but its best weights are what `restore_best` keeps. The
+    networks share nothing, so the extra epochs of one leave the others as they would be alone.
+
+    Example:
+        >>> from torch import nn
+        >>> class Two(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.nets = nn.ModuleList([nn.Linear(1, 1), nn.Linear(1, 1)])
+        >>> stopping, model = PerTaskStopping(["auc/a", "auc/b"], patience=1), Two()
+        >>> for a, b in ((0.7, 0.6), (0.8, 0.5), (0.6, 0.4)):
+        ...     stopping.observe({"valid/auc/a": a, "valid/auc/b": b}, model)
+        >>> [s.best_epoch for s in stopping.stoppers], stopping.stop
+        ([2, 1], True)
+    """
+
+    def __init__(self, metrics: list[str], patience: int | None, min_delta: float = 0.0):
+        self.stoppers = [EarlyStopping(m, patience, min_delta) for m in metrics]
+
+    def observe(self, row: dict[str, float], model: nn.Module) -> None:
+        for net, stopper in zip(model.nets, self.stoppers):
+            stopper.observe(row, net)
+
+    @property
+    def stop(self) -> bool:
+        return all(s.stop for s in self.stoppers)
+
+    @property
+    def best_is_last(self) -> bool:
+        return any(s.best_is_last for s in self.stoppers)
+
+    def restore_best(self, model: nn.Module) -> None:
+        for net, stopper in zip(model.nets, self.stoppers):
+            stopper.restore_best(net)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"per_task": [s.state_dict() for s in self.stoppers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for stopper, saved in zip(self.stoppers, state["per_task"]):
+            stopper.load_state_dict(saved)

@@ -19,14 +19,14 @@ from mtlrec.config import TrainConfig
 from mtlrec.data.source import BatchSource, Shard
 from mtlrec.data.tensors import TensorData
 from mtlrec.losses import create_weighting
-from mtlrec.models.base import shared_parameters
+from mtlrec.models.base import SingleTaskModels, shared_parameters
 from mtlrec.nn.stepped import stepped_modules
 from mtlrec.schema import Schema
 from mtlrec.tasks import TaskSet
 from mtlrec.train import distributed
 from mtlrec.train.alternating import TaskSchedule
 from mtlrec.train.checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mtlrec.train.early_stopping import COMBINED, EarlyStopping, combined_score
+from mtlrec.train.early_stopping import COMBINED, EarlyStopping, PerTaskStopping, combined_score, task_metric
 from mtlrec.train.evaluation import evaluate_logits
 from mtlrec.train.optim import build_optimizers
 
@@ -124,8 +124,7 @@ class Trainer:
         # data parallel: every gradient averaged after backward; sharded, DistributedDataParallel does the model's
         self.averaged = [*([] if self.sharded else self.model.parameters()), *self.weighting.parameters()]
         self.schedule = TaskSchedule(config.alternating.order, len(self.tasks), config.alternating.ratios, seed)
-        stopping = config.early_stopping
-        self.stopping = EarlyStopping(stopping.metric, stopping.patience, stopping.min_delta)
+        self.stopping = self._early_stopping(config)
         self.log_path = Path(log_path) if log_path and self.rank == 0 else None
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         # what a checkpoint must match to be resumed: the whole experiment config when known
@@ -137,6 +136,15 @@ class Trainer:
         self.global_step = 0
         self.last_checkpoint: int | None = None
         self._first_bad = torch.full((len(self.tasks),), -1, dtype=torch.long, device=self.device)
+
+    def _early_stopping(self, config: TrainConfig) -> EarlyStopping | PerTaskStopping:
+        """One stopper for the model; for the single-task baseline (plain tables) one per
+        network, each on its own task's metric (`early_stopping.per_task`)."""
+        o = config.early_stopping
+        if o.per_task and isinstance(self.model, SingleTaskModels) and self.tables is None:  # TorchRec: one stopper
+            keys = self.tasks.validation_keys
+            return PerTaskStopping([task_metric(o.metric, t, keys) for t in self.tasks.names], o.patience, o.min_delta)
+        return EarlyStopping(o.metric, o.patience, o.min_delta)
 
     def _with_tables(self, model: nn.Module, schema: Schema) -> tuple[nn.Module, TorchRecTables | None]:
         """The module training runs: `model` itself with plain tables; with fused tables, `model`
@@ -198,7 +206,7 @@ class Trainer:
                 row |= {f"valid/{k}": v for k, v in self.evaluate(valid).items()}
                 if self.config.early_stopping.combine:
                     row[f"valid/{COMBINED}"] = combined_score(row, self.config.early_stopping.combine)
-                self.stopping.update(row[f"valid/{self.stopping.metric}"], self.model)
+                self.stopping.observe(row, self.model)
             self._log(row)
             self._checkpoint(generator.get_state(), epoch + 1, 0, None)
         self.stopping.restore_best(self.model)
