@@ -55,6 +55,61 @@ def test_fused_tables_train_as_plain_tables_with_the_same_optimizer(tmp_path):
     assert fused.test_metrics["auc/y1"] == pytest.approx(plain.test_metrics["auc/y1"], abs=1e-4)
 
 
+def test_fused_tables_train_alternating_steps_as_plain_tables(tmp_path):
+    steps = {"strategy": "alternating", "epochs": 1}
+    plain = run_experiment(load_config(config(tmp_path, **PLAIN, **steps)))
+    fused = run_experiment(load_config(config(tmp_path, embedding_tables="fused", **FUSED, **steps)))
+    a, b = plain.trained.model.state_dict(), fused.trained.model.state_dict()
+    for name in a:  # a step on one task's loss: the shared tables take that task's gradient either way
+        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4)
+
+
+def test_gradient_methods_with_fused_tables_act_on_the_dense_shared_parameters(tmp_path):
+    from mtlrec.experiment import encode_splits
+    from mtlrec.trained import TrainedModel
+    from mtlrec.train.trainer import Trainer
+
+    cfg = load_config(config(tmp_path, embedding_tables="fused", weighting="pcgrad", **FUSED))
+    encoder, train, valid, _ = encode_splits(cfg)
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(TrainedModel.build(cfg, encoder).model, encoder.schema, cfg.train, seed=cfg.seed)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    shared = [names[id(p)] for p in trainer.shared.params]
+    assert shared and not any(".embedding_bags." in n for n in shared)  # the fused tables are left out
+    assert any(n.startswith("backbone.") for n in shared)  # the experts are in
+    before = trainer.model.embedding.table_weights()["c0"].detach().clone()
+    history = trainer.fit(train, valid)
+    assert history[-1]["train/loss"] < history[0]["train/loss"]
+    assert not torch.equal(before, trainer.plain_model.embedding.tables[0].weight[:len(before)])  # tables moved
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], capture_output=True, text=True, timeout=400, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_two_processes_with_sharded_tables_train_alternating_steps_as_one_fused(tmp_path):
+    one = run_experiment(load_config(config(tmp_path, embedding_tables="fused", strategy="alternating", **FUSED)))
+    path = tmp_path / "sharded.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path, embedding_sharding="row_wise", strategy="alternating", **FUSED)))
+    two = torchrun("-m", "mtlrec.cli", "train", str(path), "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-4000:]
+    saved = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for name, value in one.trained.model.state_dict().items():  # other tasks' parameters untouched by a step
+        torch.testing.assert_close(saved[name], value, atol=2e-5, rtol=1e-4)
+
+
+def test_two_processes_with_sharded_tables_and_pcgrad_stay_one_model(tmp_path):
+    path = tmp_path / "sharded.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path, embedding_sharding="row_wise", weighting="pcgrad", **FUSED)))
+    done = torchrun(str(Path(__file__).parent / "workers" / "sharded_gradient_method.py"), str(path), str(tmp_path))
+    assert done.returncode == 0, done.stderr[-4000:]
+    a, b = (torch.load(tmp_path / f"dense{r}.pt") for r in (0, 1))
+    assert a.keys() == b.keys() and any(k.startswith("backbone.") for k in a)
+    for name in a:  # each process's surgery is averaged after DistributedDataParallel's reduction
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("sharding", ["table_wise", "row_wise"])
 def test_two_processes_with_sharded_tables_train_as_one_with_plain_tables(sharding, tmp_path):
     one = run_experiment(load_config(config(tmp_path, **PLAIN)), tmp_path / "one")

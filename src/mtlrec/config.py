@@ -154,13 +154,6 @@ class TrainConfig(ConfigBlock):
         if self.fused_tables:
             how = ("embedding_sharding " + self.embedding_sharding if self.embedding_sharding != "none"
                    else "embedding_tables fused")
-            if WEIGHTINGS[name].needs_task_gradients:
-                raise ValueError(f"train.weighting {name!r} needs every task's gradient of the tables; with {how} "
-                                 "they are updated inside the backward pass: use a loss weighting (fixed, "
-                                 "uncertainty, dwa, ...) or plain tables")
-            if self.strategy == "alternating":
-                raise ValueError(f"strategy 'alternating' cannot run with {how} (a step may not touch "
-                                 "other tasks' parameters, which fused tables cannot skip)")
             if any(g.params == "embedding" for g in self.optimizers):
                 raise ValueError(f"with {how} the tables' optimizer is train.embedding_optimizer; remove the "
                                  "'embedding' group from train.optimizers")

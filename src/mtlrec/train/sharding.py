@@ -88,12 +88,29 @@ def plan(model: nn.Module, sharding: Sharding, sharders: list, device: torch.dev
     return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
 
 
+def _unwrapped_dense_class():
+    from torchrec.distributed.model_parallel import DataParallelWrapper
+
+    class DenseAveragedByHand(DataParallelWrapper):
+        """Leaves the dense part unwrapped (no DistributedDataParallel): the caller averages its
+        gradients after backward. For steps that take several gradient passes over one graph
+        (gradient methods: `torch.autograd.grad` per task), which DistributedDataParallel's
+        reducer does not allow."""
+
+        def wrap(self, dmp, env, device) -> None:
+            return None
+
+    return DenseAveragedByHand
+
+
 def shard_model(model: nn.Module, sharding: Sharding, optimizer: EmbeddingOptimizer,
-                device: torch.device | str = "cpu", initial: dict[str, torch.Tensor] | None = None):
+                device: torch.device | str = "cpu", initial: dict[str, torch.Tensor] | None = None,
+                dense_ddp: bool = True):
     """`model` wrapped in DistributedModelParallel (needs an initialised process group), starting
     from `initial` (default: `model`'s own weights) on every process. A model whose tables are on
     the meta device (`TorchRecTables.sharded_copy`) needs `initial`: each process then allocates
-    and fills only its shards."""
+    and fills only its shards. `dense_ddp=False` leaves the dense part out of
+    DistributedDataParallel: the caller averages its gradients (`distributed.average_gradients`)."""
     from torchrec.distributed import DistributedModelParallel
 
     device = torch.device(device)
@@ -101,7 +118,8 @@ def shard_model(model: nn.Module, sharding: Sharding, optimizer: EmbeddingOptimi
         initial = {name: value.detach().clone() for name, value in model.state_dict().items()}
     sharders = [_sharder_class()(fused_params=optimizer.fused_params())]
     wrapped = DistributedModelParallel(model, device=device, plan=plan(model, sharding, sharders, device),
-                                       sharders=sharders)
+                                       sharders=sharders,
+                                       data_parallel_wrapper=None if dense_ddp else _unwrapped_dense_class()())
     result = wrapped.load_state_dict(initial, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"sharded model does not take the model's weights: {result}")

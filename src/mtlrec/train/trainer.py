@@ -19,6 +19,7 @@ from mtlrec.config import TrainConfig
 from mtlrec.data.source import BatchSource, Shard
 from mtlrec.data.tensors import TensorData
 from mtlrec.losses import create_weighting
+from mtlrec.losses.weighting import WEIGHTINGS, split_spec
 from mtlrec.models.base import SingleTaskModels, shared_parameters
 from mtlrec.nn.stepped import stepped_modules
 from mtlrec.schema import Schema
@@ -28,6 +29,7 @@ from mtlrec.train.alternating import TaskSchedule
 from mtlrec.train.checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mtlrec.train.early_stopping import COMBINED, EarlyStopping, PerTaskStopping, combined_score, task_metric
 from mtlrec.train.evaluation import evaluate_logits
+from mtlrec.train.gradients import SharedParameters
 from mtlrec.train.optim import build_optimizers
 
 if TYPE_CHECKING:
@@ -108,6 +110,9 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.config = config
         self.plain_model = model.to(self.device)  # what fit leaves trained (the model folder's layout)
+        # gradient methods take several gradient passes over one graph, which DistributedDataParallel's
+        # reducer does not allow: with sharded tables the dense gradients are then averaged by hand
+        self.dense_by_hand = WEIGHTINGS[split_spec(config.weighting)[0]].needs_task_gradients
         self.model, self.tables = self._with_tables(self.plain_model, schema)
         self.sharded = config.embedding_sharding != "none"
         self.forward = torch.compile(self.model) if config.compile else self.model
@@ -116,13 +121,18 @@ class Trainer:
         self.weighting = create_weighting(config.weighting, self.tasks).to(self.device)
         fused = (lambda name: ".embedding_bags." in name) if self.tables else None  # tables update themselves
         self.optimizers = build_optimizers({"": self.model, "weighting": self.weighting}, config, skip=fused)
-        if self.tables:  # loss weightings only (checked with the config): no task gradients, no task steps
-            self.shared, self.task_params = [], []
-        else:
-            self.shared = shared_parameters(self.model, len(self.tasks))
-            self.task_params = [self.model.task_parameters(k) for k in range(len(self.tasks))]
-        # data parallel: every gradient averaged after backward; sharded, DistributedDataParallel does the model's
-        self.averaged = [*([] if self.sharded else self.model.parameters()), *self.weighting.parameters()]
+        # gradient methods and alternating steps act on the parameters the torch optimizers update:
+        # TorchRec's fused tables (updated inside backward) are left out (see `_dense_only`)
+        base = self.model.module if self.sharded else self.model  # DistributedModelParallel: the model inside
+        self.shared = self._dense_only(shared_parameters(base, len(self.tasks)), base)
+        fused = self._fused_ids(base)
+        self.task_params = [[p for p in base.task_parameters(k) if id(p) not in fused] for k in range(len(self.tasks))]
+        # data parallel: every gradient averaged after backward; sharded, DistributedDataParallel does the
+        # model's (but the fused tables') unless a gradient method runs (`dense_by_hand`)
+        by_hand = not self.sharded or self.dense_by_hand
+        fused = self._fused_ids(self.model)
+        dense = [p for p in self.model.parameters() if id(p) not in fused]
+        self.averaged = [*(dense if by_hand else []), *self.weighting.parameters()]
         self.schedule = TaskSchedule(config.alternating.order, len(self.tasks), config.alternating.ratios, seed)
         self.stopping = self._early_stopping(config)
         self.log_path = Path(log_path) if log_path and self.rank == 0 else None
@@ -136,6 +146,21 @@ class Trainer:
         self.global_step = 0
         self.last_checkpoint: int | None = None
         self._first_bad = torch.full((len(self.tasks),), -1, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def _fused_ids(model: nn.Module) -> set[int]:
+        """The parameters of TorchRec's fused tables (none with plain tables)."""
+        return {id(p) for name, p in model.named_parameters() if ".embedding_bags." in name}
+
+    def _dense_only(self, shared: SharedParameters, model: nn.Module) -> SharedParameters:
+        """`shared` less the fused tables: their gradient is never materialised (fbgemm applies it
+        inside backward), so a gradient method reshapes the dense shared parameters' gradient and
+        the tables take the plain weighted sum of the task gradients."""
+        if self.tables is None:
+            return shared
+        fused = self._fused_ids(model)
+        kept = [(p, m) for p, m in zip(shared.params, shared.masks) if id(p) not in fused]
+        return SharedParameters([p for p, _ in kept], [m for _, m in kept])
 
     def _early_stopping(self, config: TrainConfig) -> EarlyStopping | PerTaskStopping:
         """One stopper for the model; for the single-task baseline (plain tables) one per
@@ -162,7 +187,8 @@ class Trainer:
                                  "(data_parallel copies every table to every process)")
             return tables.install(model, fused=True).to(self.device), tables
         work, initial = tables.sharded_copy(model)
-        wrapped = shard_model(work, config.embedding_sharding, tables.optimizer, self.device, initial)
+        wrapped = shard_model(work, config.embedding_sharding, tables.optimizer, self.device, initial,
+                              dense_ddp=not self.dense_by_hand)
         del initial
         tables.release(model)  # the shards hold the tables now; rank 0 gathers them back after training
         return wrapped, tables
@@ -264,6 +290,17 @@ class Trainer:
         return out._replace(logits=out.logits.float())
 
     def _step(self, batch: TensorData) -> tuple[Tensor, Tensor]:
+        weights, losses = self._forward_backward(batch)
+        distributed.average_gradients(self.averaged)
+        for opt in self.optimizers:
+            opt.step()
+        for module in self.stepped:
+            module.after_optimizer_step()
+        self.weighting.after_step()
+        self.global_step += 1
+        return weights.detach(), losses.detach()
+
+    def _forward_backward(self, batch: TensorData) -> tuple[Tensor, Tensor]:
         out = self._forward(batch)
         losses = self.tasks.losses(out.logits, batch.labels, batch.mask, batch.weights)
         if self.world > 1:
@@ -276,14 +313,7 @@ class Trainer:
             weights = self._alternating_backward(losses, out.penalty)
         else:
             weights = self.weighting.backward(losses, self.shared, out.penalty)
-        distributed.average_gradients(self.averaged)
-        for opt in self.optimizers:
-            opt.step()
-        for module in self.stepped:
-            module.after_optimizer_step()
-        self.weighting.after_step()
-        self.global_step += 1
-        return weights.detach(), losses.detach()
+        return weights, losses
 
     def _over_all_processes(self, losses: Tensor, batch: TensorData) -> Tensor:
         """Rescale this process's per-task losses (means over its rows) so that the average of the
@@ -299,6 +329,8 @@ class Trainer:
         """One task's (config-weighted) loss; the other tasks' own parameters get no update."""
         task = self.schedule.task(self.global_step)
         loss = self.tasks.weights[task] * losses[task]
+        if self.sharded:  # every parameter in the graph for DistributedDataParallel: the others' gradient is 0
+            loss = loss + 0.0 * losses.sum()
         (loss if penalty is None else loss + penalty).backward()
         for k, params in enumerate(self.task_params):
             if k != task:
