@@ -7,6 +7,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -32,10 +33,15 @@ def batch() -> TensorData:
     return TensorData(torch.zeros(ROWS, 0, dtype=torch.long), x, labels, mask)
 
 
-def trainer_for(name: str, model) -> Trainer:
+def trainer_for(name: str, model, alone: bool = False) -> Trainer:
+    """A Trainer of `model`; `alone`: built as in a single process (no DistributedDataParallel, whose
+    construction is a collective), for the references rank 0 computes by itself."""
     config = load_config({"train": {"weighting": name, "optimizer": "sgd", "lr": 0.1, "progress": False,
                                     "batch_size": ROWS}}).train
-    return Trainer(model, SCHEMA, config, seed=0)
+    if not alone:
+        return Trainer(model, SCHEMA, config, seed=0)
+    with mock.patch("mtlrec.train.distributed.world", return_value=(0, 1)):
+        return Trainer(model, SCHEMA, config, seed=0)
 
 
 def main(out: Path) -> None:
@@ -52,7 +58,7 @@ def main(out: Path) -> None:
             grads = []
             for r in range(world):
                 local = copy.deepcopy(initial)
-                reference = trainer_for(name, local)
+                reference = trainer_for(name, local, alone=True)
                 reference.world = world  # the loss scaling by the global counts, without communication
                 part = data.rows(r * half, (r + 1) * half)
                 scale = part.mask.sum(0).float() * world / data.mask.sum(0).float()
@@ -64,7 +70,7 @@ def main(out: Path) -> None:
             expected = [p0 - 0.1 * torch.stack([g[i] for g in grads]).mean(0)
                         for i, p0 in enumerate(initial.parameters())]
             whole = copy.deepcopy(initial)  # the method on the whole batch's gradients, for contrast
-            single = trainer_for(name, whole)
+            single = trainer_for(name, whole, alone=True)
             single.world, single.averaged = 1, []
             single._step(data)
             differences[name] = {

@@ -115,7 +115,17 @@ class Trainer:
         self.dense_by_hand = WEIGHTINGS[split_spec(config.weighting)[0]].needs_task_gradients
         self.model, self.tables = self._with_tables(self.plain_model, schema)
         self.sharded = config.embedding_sharding != "none"
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        # data parallel without TorchRec: the model under DistributedDataParallel, whose all-reduce
+        # overlaps backward (not for gradient methods: several gradient passes per step, see dense_by_hand)
+        self.ddp = self.world > 1 and self.tables is None and not self.dense_by_hand
+        trained = self.model
+        if self.ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            trained = DistributedDataParallel(  # batch norm statistics stay per process, as before
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, find_unused_parameters=True)  # top-k experts a batch leaves idle
+        self.forward = torch.compile(trained) if config.compile else trained
         self.tasks = TaskSet(schema).to(self.device)
         self.seed = seed
         self.weighting = create_weighting(config.weighting, self.tasks).to(self.device)
@@ -129,7 +139,7 @@ class Trainer:
         self.task_params = [[p for p in base.task_parameters(k) if id(p) not in fused] for k in range(len(self.tasks))]
         # data parallel: every gradient averaged after backward; sharded, DistributedDataParallel does the
         # model's (but the fused tables') unless a gradient method runs (`dense_by_hand`)
-        by_hand = not self.sharded or self.dense_by_hand
+        by_hand = (not self.sharded or self.dense_by_hand) and not self.ddp
         fused = self._fused_ids(self.model)
         dense = [p for p in self.model.parameters() if id(p) not in fused]
         self.averaged = [*(dense if by_hand else []), *self.weighting.parameters()]
@@ -329,7 +339,7 @@ class Trainer:
         """One task's (config-weighted) loss; the other tasks' own parameters get no update."""
         task = self.schedule.task(self.global_step)
         loss = self.tasks.weights[task] * losses[task]
-        if self.sharded:  # every parameter in the graph for DistributedDataParallel: the others' gradient is 0
+        if self.sharded or self.ddp:  # every parameter in DistributedDataParallel's graph: the others' gradient 0
             loss = loss + 0.0 * losses.sum()
         (loss if penalty is None else loss + penalty).backward()
         for k, params in enumerate(self.task_params):
