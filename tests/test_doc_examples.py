@@ -10,7 +10,7 @@ MODULES = [
     "mtlrec.nn.experts", "mtlrec.nn.embedding", "mtlrec.train.gradients", "mtlrec.train.early_stopping",
     "mtlrec.train.evaluation", "mtlrec.folders", "mtlrec.models.dselect_k", "mtlrec.models.pepnet",
     "mtlrec.models.stem", "mtlrec.models.ml_mmoe", "mtlrec.models.dbmtl", "mtlrec.models.home", "mtlrec.models.snr",
-    "mtlrec.nn.routing",
+    "mtlrec.nn.routing", "mtlrec.data.splits", "mtlrec.analysis.paired",
 ]
 
 

@@ -70,7 +70,8 @@ def test_gradient_methods_with_fused_tables_act_on_the_dense_shared_parameters(t
     from mtlrec.train.trainer import Trainer
 
     cfg = load_config(config(tmp_path, embedding_tables="fused", weighting="pcgrad", **FUSED))
-    encoder, train, valid, _ = encode_splits(cfg)
+    encoded = encode_splits(cfg)
+    encoder, train, valid = encoded.encoder, encoded.train, encoded.valid
     torch.manual_seed(cfg.seed)
     trainer = Trainer(TrainedModel.build(cfg, encoder).model, encoder.schema, cfg.train, seed=cfg.seed)
     names = {id(p): n for n, p in trainer.model.named_parameters()}

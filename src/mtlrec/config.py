@@ -44,9 +44,21 @@ class DataConfig(ConfigBlock):
     shuffle_buffer: int = Field(262_144, ge=1, description="streaming: rows shuffled together")
     valid_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split: Literal["random", "time", "leave_last_out", "group"] = Field(
+        "random", description="how valid / test are cut from data.train (mtlrec.data.splits)")
+    split_time: str | None = Field(None, description="split time / leave_last_out: the time column")
+    split_group: str | None = Field(None, description="split leave_last_out: the user column; group: the group column")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        needs = {"time": ["split_time"], "leave_last_out": ["split_group", "split_time"], "group": ["split_group"],
+                 "random": []}[self.split]
+        missing = [n for n in needs if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"split {self.split!r} needs data.{' and data.'.join(missing)}")
+        if self.split != "random" and (self.valid or self.test or self.valid_from_test):
+            raise ValueError(f"split {self.split!r} cuts valid and test from data.train: give no data.valid / "
+                             "data.test files (nor valid_from_test)")
         if self.source == "files" and not self.train:
             raise ValueError("source 'files' needs data.train (a CSV or Parquet file)")
         if self.valid_from_test and (not self.test or self.valid):

@@ -7,9 +7,8 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -30,9 +29,14 @@ from mtlrec.train.trainer import Trainer
 
 @dataclass
 class Splits:
+    """The three tables, and for each the rows it came from: `ids[split]` has `row_id` (the row's
+    position in its source, 0-based) and `source` ("train", "valid" or "test": the data file,
+    or "synthetic")."""
+
     train: pd.DataFrame
     valid: pd.DataFrame
     test: pd.DataFrame | None
+    ids: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,31 +55,55 @@ class RunResult:
 
 def load_splits(config: Experiment) -> Splits:
     """The train / valid / test tables: synthetic or read from files; a split missing as a file
-    is cut from the training table by a seeded shuffle (valid_fraction, test_fraction), or
-    the validation split from half the test file (valid_from_test)."""
+    is cut from the training table (`data.split`: a seeded shuffle by default, or by time, per
+    user leave-last-out, by group; `mtlrec.data.splits`), or the validation split from half
+    the test file (valid_from_test)."""
     data = config.data
     if data.source == "synthetic":
-        table = make_synthetic(data.synthetic, seed=config.seed)
-        valid, test = None, None
+        table, name = make_synthetic(data.synthetic, seed=config.seed), "synthetic"
+        valid = test = None
     else:
         read = DATA_FORMATS[data.format].read
-        table = read(data.train)
+        table, name = read(data.train), "train"
         valid = read(data.valid) if data.valid else None
         test = read(data.test) if data.test else None
-        if data.valid_from_test:  # the MMoE / PLE papers' census protocol: test split 1:1
-            halves = np.random.default_rng(config.seed).permutation(len(test))
-            cut = len(test) // 2
-            valid, test = test.iloc[np.sort(halves[:cut])], test.iloc[np.sort(halves[cut:])]
-    order = np.random.default_rng(config.seed).permutation(len(table))
-    n_test = 0 if test is not None else int(round(len(table) * data.test_fraction))
-    n_valid = 0 if valid is not None else int(round(len(table) * data.valid_fraction))
-    if test is None and n_test:
-        test = table.iloc[order[:n_test]]
+    ids = {"valid": _ids(range(len(valid)), "valid") if valid is not None else None,
+           "test": _ids(range(len(test)), "test") if test is not None else None}
+    if data.valid_from_test:  # the MMoE / PLE papers' census protocol: test split 1:1
+        halves = np.random.default_rng(config.seed).permutation(len(test))
+        cut = len(test) // 2
+        first, second = np.sort(halves[:cut]), np.sort(halves[cut:])
+        valid, test = test.iloc[first], test.iloc[second]
+        ids["valid"], ids["test"] = _ids(first, "test"), _ids(second, "test")
+    train_rows, valid_rows, test_rows = _cut(table, data, config.seed, cut_valid=valid is None, cut_test=test is None)
+    if test is None and len(test_rows):
+        test, ids["test"] = table.iloc[test_rows], _ids(test_rows, name)
     if valid is None:
-        valid = table.iloc[order[n_test : n_test + n_valid]]
-    train = table.iloc[np.sort(order[n_test + n_valid :])] if n_test + n_valid else table
-    return Splits(train.reset_index(drop=True), valid.reset_index(drop=True),
-                  None if test is None else test.reset_index(drop=True))
+        valid, ids["valid"] = table.iloc[valid_rows], _ids(valid_rows, name)
+    ids["train"] = _ids(train_rows, name)
+    return Splits(table.iloc[train_rows].reset_index(drop=True), valid.reset_index(drop=True),
+                  None if test is None else test.reset_index(drop=True),
+                  {k: v for k, v in ids.items() if v is not None})
+
+
+def _cut(table: pd.DataFrame, data, seed: int, cut_valid: bool, cut_test: bool
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, valid, test positions of `table` by `data.split` (a split given as a file: none cut)."""
+    from mtlrec.data import splits
+
+    valid_fraction = data.valid_fraction if cut_valid else 0.0
+    test_fraction = data.test_fraction if cut_test else 0.0
+    if data.split == "time":
+        return splits.time_split(table, data.split_time, valid_fraction, test_fraction)
+    if data.split == "leave_last_out":
+        return splits.leave_last_out(table, data.split_group, data.split_time)
+    if data.split == "group":
+        return splits.group_split(table, data.split_group, valid_fraction, test_fraction, seed)
+    return splits.random_split(len(table), valid_fraction, test_fraction, seed)
+
+
+def _ids(rows, source: str) -> pd.DataFrame:
+    return pd.DataFrame({"row_id": np.asarray(rows, dtype=np.int64), "source": source})
 
 
 def run_experiment(config: Experiment, folder: str | Path | None = None, encoded: Encoded | None = None,
@@ -99,7 +127,8 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
         if rank == 0:
             prepare_work_folder(folder, work, resume, overwrite)
         barrier()
-    encoder, train, valid, test = encoded or encode_splits(config)
+    encoded = encoded or encode_splits(config)
+    encoder, train, valid, test = encoded.encoder, encoded.train, encoded.valid, encoded.test
     torch.manual_seed(config.seed)
     trained = TrainedModel.build(config, encoder)
     trainer = Trainer(trained.model, encoder.schema, config.train, seed=config.seed,
@@ -111,6 +140,8 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
         logits, targets = trainer.predict_split(test)
         test_metrics = evaluate_logits(trained.tasks, logits, targets)
         test_rows = prediction_table(trained.tasks, logits, targets)
+        if "test" in encoded.ids:  # which rows these are: score your own baselines on the same rows
+            test_rows = pd.concat([encoded.ids["test"].reset_index(drop=True), test_rows], axis=1)
     if trainer.holds_model:  # sharded tables: only rank 0 gathered the trained tables
         trained.model.cpu()
     seconds = time.perf_counter() - start
@@ -119,6 +150,9 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
         trained.write_files(work)
         if test_rows is not None:
             test_rows.to_parquet(work / "test_predictions.parquet", index=False)
+        if encoded.ids:  # the split: every row's source and split
+            pd.concat([ids.assign(split=name) for name, ids in encoded.ids.items()],
+                      ignore_index=True).to_parquet(work / "split.parquet", index=False)
         summary = {"test": test_metrics, "seconds": seconds, "parameters": parameters, "epochs": len(history),
                    "hit_epoch_cap": trainer.hit_epoch_cap}
         (work / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -147,13 +181,16 @@ def prepare_work_folder(folder: Path, work: Path, resume: bool, overwrite: bool)
     work.mkdir(parents=True)
 
 
-class Encoded(NamedTuple):
-    """A fitted encoder and the splits it encoded: in-memory tensors or Parquet streams."""
+@dataclass(frozen=True)
+class Encoded:
+    """A fitted encoder and the splits it encoded: in-memory tensors or Parquet streams, and
+    each in-memory split's source rows (`Splits.ids`; empty when streaming)."""
 
     encoder: Encoder
     train: BatchSource
     valid: BatchSource
     test: BatchSource | None
+    ids: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 def encode_splits(config: Experiment) -> Encoded:
@@ -176,7 +213,7 @@ def encode_splits(config: Experiment) -> Encoded:
         valid = encoder.transform(splits.valid)
     with naming_the_split("test", config):
         test = encoder.transform(splits.test) if splits.test is not None else None
-    return Encoded(encoder, train, valid, test)
+    return Encoded(encoder, train, valid, test, splits.ids)
 
 
 @contextmanager

@@ -18,7 +18,8 @@ from mtlrec.train.trainer import Trainer
 def main(config_path: Path, out: Path) -> None:
     dist.init_process_group("gloo")
     cfg = load_config(yaml.safe_load(config_path.read_text()))
-    encoder, train, valid, _ = encode_splits(cfg)
+    encoded = encode_splits(cfg)
+    encoder, train, valid = encoded.encoder, encoded.train, encoded.valid
     torch.manual_seed(cfg.seed)
     trainer = Trainer(TrainedModel.build(cfg, encoder).model, encoder.schema, cfg.train, seed=cfg.seed)
     trainer.fit(train, valid)
