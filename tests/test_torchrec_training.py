@@ -36,6 +36,7 @@ def config(tmp_path, **train) -> dict:
 PLAIN = {"optimizers": [{"params": "embedding", "optimizer": "sgd", "lr": 0.5},
                         {"params": "rest", "optimizer": "adam", "lr": 0.01}]}
 FUSED = {"embedding_optimizer": "sgd", "embedding_lr": 0.5}
+PLAIN_REST = {"optimizers": [{"params": "rest", "optimizer": "adam", "lr": 0.01}]}
 
 
 def test_a_model_with_more_embeddings_than_one_refuses_fused_tables(tmp_path):
@@ -53,6 +54,24 @@ def test_fused_tables_train_as_plain_tables_with_the_same_optimizer(tmp_path):
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4)
     assert fused.test_metrics["auc/y1"] == pytest.approx(plain.test_metrics["auc/y1"], abs=1e-4)
+
+
+def test_the_embedding_optimizer_group_sets_the_fused_tables_optimizer(tmp_path):
+    grouped = {"optimizers": [{"params": "embedding", "optimizer": "sgd", "lr": 0.5},
+                              {"params": "rest", "optimizer": "adam", "lr": 0.01}]}
+    by_group = run_experiment(load_config(config(tmp_path, embedding_tables="fused", **grouped)))
+    by_field = run_experiment(load_config(config(tmp_path, embedding_tables="fused", **FUSED, **PLAIN_REST)))
+    for name, value in by_field.trained.model.state_dict().items():
+        torch.testing.assert_close(by_group.trained.model.state_dict()[name], value, atol=0, rtol=0)
+    rowwise = {"optimizers": [{"params": "embedding", "optimizer": "rowwise_adagrad", "lr": 0.1}]}
+    assert load_config(config(tmp_path, embedding_tables="fused", **rowwise)).train.table_optimizer == (
+        "rowwise_adagrad", 0.1)
+    with pytest.raises(Exception, match="rowwise_adagrad is fbgemm's fused-table optimizer"):
+        load_config(config(tmp_path, **rowwise))
+    with pytest.raises(Exception, match="one of \\['sgd', 'adagrad', 'rowwise_adagrad'\\], not 'adam'"):
+        load_config(config(tmp_path, embedding_tables="fused", optimizers=[{"params": "embedding"}]))
+    with pytest.raises(Exception, match="set twice"):
+        load_config(config(tmp_path, embedding_tables="fused", embedding_optimizer="sgd", **grouped))
 
 
 def test_fused_tables_train_alternating_steps_as_plain_tables(tmp_path):

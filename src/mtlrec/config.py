@@ -7,7 +7,7 @@ a wrong or unknown field fails with a `ConfigError` naming the field and what is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -115,7 +115,8 @@ class Alternating(ConfigBlock):
 
 class OptimizerGroup(ConfigBlock):
     params: str = Field(description="module path ('embedding', 'backbone', 'towers', 'weighting', ...) or 'rest'")
-    optimizer: OptimizerName = "adam"
+    optimizer: OptimizerName | Literal["rowwise_adagrad"] = Field(
+        "adam", description="rowwise_adagrad: the 'embedding' group with fused tables only (fbgemm's kernel)")
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
 
@@ -166,14 +167,32 @@ class TrainConfig(ConfigBlock):
         if self.fused_tables:
             how = ("embedding_sharding " + self.embedding_sharding if self.embedding_sharding != "none"
                    else "embedding_tables fused")
-            if any(g.params == "embedding" for g in self.optimizers):
-                raise ValueError(f"with {how} the tables' optimizer is train.embedding_optimizer; remove the "
-                                 "'embedding' group from train.optimizers")
+            group = next((g for g in self.optimizers if g.params == "embedding"), None)
+            if group is not None:  # the group sets the fused kernel's optimizer
+                if group.optimizer not in get_args(TableOptimizer):
+                    raise ValueError(f"with {how} the 'embedding' group's optimizer runs in fbgemm's fused kernel: "
+                                     f"one of {list(get_args(TableOptimizer))}, not {group.optimizer!r}")
+                if "embedding_optimizer" in self.model_fields_set or "embedding_lr" in self.model_fields_set:
+                    raise ValueError("the tables' optimizer is set twice: by the 'embedding' group of "
+                                     "train.optimizers and by train.embedding_optimizer / embedding_lr; keep one")
+        for g in self.optimizers:
+            if g.optimizer == "rowwise_adagrad" and not (self.fused_tables and g.params == "embedding"):
+                raise ValueError(f"train.optimizers: rowwise_adagrad is fbgemm's fused-table optimizer: the "
+                                 f"'embedding' group with embedding_tables: fused only (not {g.params!r} here)")
         if self.alternating.ratios is not None and self.alternating.order != "ratio":
             raise ValueError("train.alternating.ratios is read with order 'ratio' only; set order: ratio or "
                              "remove the ratios")
         return self
 
+
+    @property
+    def table_optimizer(self) -> tuple[str, float]:
+        """The fused tables' optimizer and learning rate: the 'embedding' group of `optimizers`
+        when there is one, else embedding_optimizer and embedding_lr (or lr)."""
+        group = next((g for g in self.optimizers if g.params == "embedding"), None)
+        if group is not None:
+            return group.optimizer, group.lr
+        return self.embedding_optimizer, self.embedding_lr or self.lr
 
     @property
     def fused_tables(self) -> bool:

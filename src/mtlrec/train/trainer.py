@@ -130,7 +130,11 @@ class Trainer:
         self.seed = seed
         self.weighting = create_weighting(config.weighting, self.tasks).to(self.device)
         fused = (lambda name: ".embedding_bags." in name) if self.tables else None  # tables update themselves
-        self.optimizers = build_optimizers({"": self.model, "weighting": self.weighting}, config, skip=fused)
+        dense_config = config
+        if self.tables:  # an 'embedding' group sets the fused tables' optimizer; the rest of the embedding: 'rest'
+            dense_config = config.model_copy(update={"optimizers": [g for g in config.optimizers
+                                                                    if g.params != "embedding"]})
+        self.optimizers = build_optimizers({"": self.model, "weighting": self.weighting}, dense_config, skip=fused)
         # gradient methods and alternating steps act on the parameters the torch optimizers update:
         # TorchRec's fused tables (updated inside backward) are left out (see `_dense_only`)
         base = self.model.module if self.sharded else self.model  # DistributedModelParallel: the model inside
@@ -190,7 +194,7 @@ class Trainer:
         from mtlrec.train.sharding import EmbeddingOptimizer, TorchRecTables, check_fusable, shard_model
 
         check_fusable(model)
-        tables = TorchRecTables(schema, EmbeddingOptimizer(config.embedding_optimizer, config.embedding_lr or config.lr))
+        tables = TorchRecTables(schema, EmbeddingOptimizer(*config.table_optimizer))
         if config.embedding_sharding == "none":
             if self.world > 1:
                 raise ValueError("fused tables under torchrun must be sharded: set train.embedding_sharding "
