@@ -330,3 +330,35 @@ def test_one_task_of_each_new_kind_trains_end_to_end(tmp_path):
     assert load(tmp_path / "model").tasks.kinds == result.trained.tasks.kinds  # the options are saved
     predicted = result.trained.predict(other)
     assert predicted["click"].between(0, 1).all() and (predicted[["spend", "watch"]] > 0).all().all()
+
+
+def test_bounded_regression_stays_in_its_range_and_trains_to_the_labels(tmp_path):
+    bounded = kind("regression", bounds=[1.0, 5.0])
+    z = torch.tensor([-1e4, -2.0, 0.0, 3.0, 1e4], dtype=torch.float64)
+    prediction = bounded.link(z)
+    torch.testing.assert_close(prediction, 1.0 + 4.0 / (1.0 + torch.exp(-z)))  # lo + (hi - lo) sigmoid(z)
+    assert prediction.min() >= 1.0 and prediction.max() <= 5.0
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    torch.testing.assert_close(bounded.loss(z, y), (prediction - y) ** 2)
+    assert bounded.invalid_labels(np.array([0.5, 1.0, 5.0, 5.5])).tolist() == [True, False, False, True]
+    assert bounded.label_rule == "finite and in [1.0, 5.0]"
+    assert bounded.link(bounded.baseline_logit(torch.tensor(2.5))).item() == pytest.approx(2.5)
+    assert kind("regression").link(z).equal(z)  # unbounded: the identity, as before
+    with pytest.raises(Exception, match="lo < hi"):
+        kind("regression", bounds=[5.0, 1.0])
+    # a rating task trained through a config: every prediction inside [1, 5]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=600)
+    rating = np.clip(np.round(3 + 1.5 * x + rng.normal(scale=0.3, size=600)), 1, 5)
+    pd.DataFrame({"x": x, "rating": rating}).to_csv(tmp_path / "r.csv", index=False)
+    from mtlrec.experiment import run_experiment
+
+    cfg = load_config({"data": {"source": "files", "train": str(tmp_path / "r.csv")},
+                       "features": {"dense": [{"name": "x"}]},
+                       "tasks": [{"name": "rating", "type": "regression", "options": {"bounds": [1, 5]}}],
+                       "model": {"name": "shared_bottom", "hidden": [8], "tower_hidden": [4]},
+                       "train": {"epochs": 5, "lr": 0.02, "batch_size": 64, "progress": False}})
+    result = run_experiment(cfg)
+    predicted = result.trained.predict(pd.DataFrame({"x": np.linspace(-10, 10, 50)}))["rating"]
+    assert predicted.between(1, 5).all() and predicted.iloc[-1] > 4.5 and predicted.iloc[0] < 1.5
+    assert result.test_metrics["mse/rating"] < 0.5

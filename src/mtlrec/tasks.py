@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from mtlrec.train.metrics import (
@@ -163,13 +163,59 @@ class Binary(TaskKind):
 
 @register_kind
 class Regression(TaskKind):
+    """Squared error. With `bounds: [lo, hi]` (a known range, e.g. ratings 1..5) the prediction
+    is lo + (hi - lo) sigmoid(z), so it never leaves the range, and the loss is the squared
+    error of that prediction; labels outside the range are refused.
+
+    Example:
+        >>> kind = Regression(Regression.Options(bounds=(1.0, 5.0)))
+        >>> kind.link(torch.tensor([-50.0, 0.0, 50.0])).tolist()
+        [1.0, 3.0, 5.0]
+        >>> kind.link(kind.baseline_logit(torch.tensor(4.0))).item()
+        4.0
+    """
+
     name = "regression"
     metrics = (Metric("mse", mean_squared_error, False), Metric("mae", mean_absolute_error, False))
-    label_rule = "finite"
     uncertainty_scale = 0.5
 
+    class Options(KindOptions):
+        bounds: tuple[float, float] | None = Field(
+            None, description="[lo, hi]: predictions lo + (hi - lo) sigmoid(z), inside the range")
+
+        @field_validator("bounds")
+        @classmethod
+        def _ordered(cls, bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+            if bounds is not None and not (math.isfinite(bounds[0]) and math.isfinite(bounds[1])
+                                           and bounds[0] < bounds[1]):
+                raise ValueError(f"bounds must be finite with lo < hi, got {list(bounds)}")
+            return bounds
+
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return (logits - labels).square()
+        return (self.link(logits) - labels).square()
+
+    def link(self, logits: Tensor) -> Tensor:
+        if self.options.bounds is None:
+            return logits
+        lo, hi = self.options.bounds
+        return lo + (hi - lo) * torch.sigmoid(logits)
+
+    def invalid_labels(self, values: np.ndarray) -> np.ndarray:
+        if self.options.bounds is None:
+            return ~np.isfinite(values)
+        lo, hi = self.options.bounds
+        return ~np.isfinite(values) | (values < lo) | (values > hi)
+
+    @property
+    def label_rule(self) -> str:  # type: ignore[override]
+        return "finite" if self.options.bounds is None else f"finite and in {list(self.options.bounds)}"
+
+    def baseline_logit(self, mean: Tensor) -> Tensor:
+        if self.options.bounds is None:
+            return mean
+        lo, hi = self.options.bounds
+        p = ((mean - lo) / (hi - lo)).clamp(1e-6, 1 - 1e-6)
+        return torch.log(p / (1 - p))
 
 
 class LogLink(TaskKind):
