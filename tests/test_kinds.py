@@ -362,3 +362,55 @@ def test_bounded_regression_stays_in_its_range_and_trains_to_the_labels(tmp_path
     predicted = result.trained.predict(pd.DataFrame({"x": np.linspace(-10, 10, 50)}))["rating"]
     assert predicted.between(1, 5).all() and predicted.iloc[-1] > 4.5 and predicted.iloc[0] < 1.5
     assert result.test_metrics["mse/rating"] < 0.5
+
+
+def test_a_task_within_another_is_never_likelier_and_trains_as_the_product(tmp_path):
+    from mtlrec.tasks import TaskSet, product_logit
+
+    schema = Schema(dense=[{"name": "x"}], tasks=[{"name": "five_star", "within": "like"}, {"name": "like"},
+                                                  {"name": "rating", "type": "regression"}])
+    tasks = TaskSet(schema)
+    z = torch.randn(50, 3, dtype=torch.float64) * 4
+    p = tasks.predict(z)
+    torch.testing.assert_close(p[:, 0], torch.sigmoid(z[:, 1]) * torch.sigmoid(z[:, 0]))  # P(like) P(5* | like)
+    assert (p[:, 0] <= p[:, 1] + 1e-12).all()
+    torch.testing.assert_close(p[:, 2], z[:, 2])  # others untouched
+    y = torch.stack([torch.zeros(50), torch.ones(50), torch.zeros(50)], 1).double()
+    mask = torch.ones(50, 3, dtype=torch.bool)
+    expected = F.binary_cross_entropy_with_logits(product_logit(z[:, 1], z[:, 0]), y[:, 0])
+    torch.testing.assert_close(tasks.losses(z, y, mask)[0], expected)  # the loss is on the product
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    base = tasks.predict(tasks.baseline_logits(labels, torch.ones(4, 3, dtype=torch.bool)))
+    torch.testing.assert_close(base, torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64), atol=1e-5, rtol=0)
+    for bad, message in (({"name": "a", "within": "zz"}, "within 'zz' is not a task"),
+                         ({"name": "a", "within": "r"}, "both must predict a probability"),
+                         ({"name": "a", "within": "a"}, "form a cycle")):
+        with pytest.raises(Exception, match=message):
+            Schema(dense=[{"name": "x"}], tasks=[bad, {"name": "r", "type": "regression"}])
+    # through a config: ONNX export keeps the constraint
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=800)
+    like = (x + rng.normal(size=800) > 0).astype(int)
+    five = like * (x > 0.8)
+    pd.DataFrame({"x": x, "like": like, "five_star": five}).to_csv(tmp_path / "r.csv", index=False)
+    from mtlrec.experiment import run_experiment
+    from mtlrec.export import export_onnx
+    from mtlrec.trained import load
+
+    cfg = load_config({"data": {"source": "files", "train": str(tmp_path / "r.csv")},
+                       "features": {"dense": [{"name": "x"}]},
+                       "tasks": [{"name": "like"}, {"name": "five_star", "within": "like"}],
+                       "model": {"name": "mmoe", "expert_hidden": [8], "tower_hidden": [4]},
+                       "train": {"epochs": 3, "lr": 0.02, "batch_size": 64, "progress": False}})
+    result = run_experiment(cfg, tmp_path / "m")
+    table = pd.DataFrame({"x": np.linspace(-3, 3, 40)})
+    predicted = load(tmp_path / "m").predict(table)
+    assert (predicted["five_star"] <= predicted["like"] + 1e-7).all()
+    assert result.test_metrics["auc/five_star"] > 0.8
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(export_onnx(load(tmp_path / "m"), tmp_path / "m.onnx")))
+    feeds = {i.name: table[["x"]].to_numpy(np.float32) if "dense" in i.name else np.zeros((40, 0), np.int64)
+             for i in session.get_inputs()}
+    out = session.run(None, feeds)[0]
+    np.testing.assert_allclose(out, predicted[["like", "five_star"]].to_numpy(), atol=1e-5)

@@ -122,7 +122,7 @@ def test_esmm_ctcvr_is_the_product_and_cvr_is_reported():
 
 
 def test_product_logit_is_accurate_at_the_extremes():
-    from mtlrec.models.esmm import product_logit
+    from mtlrec.tasks import product_logit
     a = torch.tensor([-30.0, -5.0, 0.0, 5.0, 30.0], dtype=torch.float64)
     b = torch.tensor([-30.0, 2.0, 0.0, 5.0, 10.0], dtype=torch.float64)
     p = torch.sigmoid(a) * torch.sigmoid(b)

@@ -146,6 +146,9 @@ class Task(ConfigBlock):
     space: str | None = Field(
         None, description="sample space: a condition on the table's columns, e.g. 'click == 1'"
     )
+    within: str | None = Field(
+        None, description="a binary task whose event this one implies (five_star within like): predicted as "
+                          "P(parent) * P(this | parent), so never above the parent's")
 
     @field_validator("type")
     @classmethod
@@ -214,7 +217,33 @@ class Schema(ConfigBlock):
         if self.weighted_metrics and not weight_columns:
             raise ValueError("weighted_metrics needs a sample_weight column")
         self._check_tables()
+        self.nested_order()
         return self
+
+    def nested_order(self) -> list[Task]:
+        """The tasks `within` another, each after its parent (ValueError: an unknown or non-binary
+        parent, a non-binary task, a cycle)."""
+        by_name = {t.name: t for t in self.tasks}
+        for t in self.tasks:
+            if t.within is None:
+                continue
+            parent = by_name.get(t.within)
+            if parent is None:
+                raise ValueError(f"task {t.name!r}: within {t.within!r} is not a task; tasks: {list(by_name)}")
+            if not (t.kind.probability and parent.kind.probability):
+                raise ValueError(f"task {t.name!r} within {t.within!r}: both must predict a probability "
+                                 "(binary or focal)")
+        order: list[Task] = []
+        placed: set[str] = set()
+        pending = [t for t in self.tasks if t.within is not None]
+        while pending:
+            ready = [t for t in pending if t.within not in {p.name for p in pending}]
+            if not ready:
+                raise ValueError("tasks' within form a cycle: " + ", ".join(f"{t.name} within {t.within}" for t in pending))
+            order += ready
+            placed |= {t.name for t in ready}
+            pending = [t for t in pending if t.name not in placed]
+        return order
 
     def _check_tables(self) -> None:
         """Features sharing a table agree on what the table is; attention targets exist."""

@@ -331,6 +331,21 @@ def higher_is_better(metric: str) -> bool:
     return directions[kind]
 
 
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends. Near 0 it uses
+    1 - e^x = -2t / (1 - t), t = tanh(x / 2), exact and free of cancellation (and, unlike
+    expm1, exportable to ONNX)."""
+    t = torch.tanh(x / 2)
+    return torch.where(x > -0.6931, torch.log(-2 * t) - torch.log1p(-t), torch.log1p(-torch.exp(x)))
+
+
+def product_logit(logit_a: Tensor, logit_b: Tensor) -> Tensor:
+    """The logit of sigmoid(a) * sigmoid(b), computed in log space (ESMM's pCTCVR, and a task
+    `within` another)."""
+    log_p = (F.logsigmoid(logit_a) + F.logsigmoid(logit_b)).clamp(max=-1e-7)
+    return log_p - log1mexp(log_p)
+
+
 class TaskSet(nn.Module):
     """The schema's tasks, built once: their kinds, config weights, losses, predictions and metrics.
 
@@ -354,6 +369,20 @@ class TaskSet(nn.Module):
         self.present = list(dict.fromkeys(self.kinds))
         for i, kind in enumerate(self.present):
             self.register_buffer(f"columns_{i}", torch.tensor([k == kind for k in self.kinds]), persistent=False)
+        # nested events (`Task.within`): (task, its parent), parents first
+        self.nested = [(self.names.index(t.name), self.names.index(t.within)) for t in schema.nested_order()]
+
+    def constrain(self, logits: Tensor) -> Tensor:
+        """Logits `[B, T]` with each nested task's replaced by the logit of
+        sigmoid(parent's) * sigmoid(its own): P(task) = P(parent) * P(task | parent) <= P(parent),
+        whatever the model outputs (the product parameterisation of ESMM). The identity when no
+        task is `within` another."""
+        if not self.nested:
+            return logits
+        columns = list(logits.unbind(-1))
+        for child, parent in self.nested:
+            columns[child] = product_logit(columns[parent], columns[child])
+        return torch.stack(columns, dim=-1)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -382,6 +411,7 @@ class TaskSet(nn.Module):
         logits, labels `[B, T]` float; mask `[B, T]` bool.
         """
         labels = labels.masked_fill(~mask, 0.0)
+        logits = self.constrain(logits)
         per_row = self._by_kind(logits, lambda kind, z: kind.loss(z, labels)) * mask
         if weights is None:
             return per_row.sum(0) / mask.sum(0).clamp(min=1)
@@ -391,14 +421,18 @@ class TaskSet(nn.Module):
 
     def predict(self, logits: Tensor) -> Tensor:
         """`[B, T]` logits -> what each task reports: a probability (binary), a value, a rate."""
-        return self._by_kind(logits, lambda kind, z: kind.link(z))
+        return self._by_kind(self.constrain(logits), lambda kind, z: kind.link(z))
 
     def baseline_logits(self, labels: Tensor, mask: Tensor) -> Tensor:
         """`[T]` logits of each task's constant predictor, from the training labels and mask
         `[N, T]`: the logit of the mean of its kind's `baseline_values` over the task's space."""
         values = torch.where(mask, self._by_kind(labels, lambda kind, y: kind.baseline_values(y)), 0.0)
         mean = values.sum(0) / mask.sum(0).clamp(min=1)
-        return self._by_kind(mean, lambda kind, m: kind.baseline_logit(m))
+        logits = self._by_kind(mean, lambda kind, m: kind.baseline_logit(m))
+        for child, parent in self.nested:  # the constant of P(task | parent): predicted through `constrain`
+            ratio = (mean[child] / mean[parent].clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6)
+            logits[child] = torch.log(ratio / (1 - ratio))
+        return logits
 
     def metrics(self, predictions: np.ndarray, labels: np.ndarray, mask: np.ndarray,
                 weights: np.ndarray | None = None) -> dict[str, float]:

@@ -10,8 +10,6 @@ impressions. pCVR gets no loss of its own and is reported at predict time as `cv
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from mtlrec.data.features import Features
 from mtlrec.models.base import Backbone, ModelOutput, MultiTaskModel
@@ -19,18 +17,7 @@ from mtlrec.models.options import MLPOptions
 from mtlrec.models.registry import register_model
 from mtlrec.models.separate import SeparateBottoms
 from mtlrec.schema import Schema
-from mtlrec.tasks import kind_of
-
-
-def log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, accurate at both ends."""
-    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def product_logit(logit_a: Tensor, logit_b: Tensor) -> Tensor:
-    """The logit of sigmoid(a) * sigmoid(b), computed in log space."""
-    log_p = (F.logsigmoid(logit_a) + F.logsigmoid(logit_b)).clamp(max=-1e-7)
-    return log_p - log1mexp(log_p)
+from mtlrec.tasks import kind_of, product_logit
 
 
 @register_model("esmm", MLPOptions, "pCTCVR = pCTR x pCVR over the entire impression space (Ma et al. 2018)",
