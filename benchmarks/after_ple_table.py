@@ -4,6 +4,7 @@ data set (the same config and seeds, e.g. a model re-run on its own) are merged 
 joined with '+': runs of a model in a later file replace those in an earlier one.
 
     python benchmarks/after_ple_table.py runs/after_ple/*/bench.json
+    python benchmarks/after_ple_table.py --compact runs/after_ple/*/bench.json   # one line per model
     python benchmarks/after_ple_table.py runs/a/bench.json+runs/a_extra/bench.json
 """
 
@@ -41,11 +42,33 @@ def merged(paths: list[str]) -> dict:
     return out
 
 
+def compact(summary: dict) -> str:
+    """One line per model: each primary metric as mean ± std, then its paired difference
+    against single_task and against mmoe as mean (seeds won / seeds)."""
+    metrics = summary["metrics"]
+    found = {(d["model"], d["versus"], d["metric"]): d for d in summary["paired"]}
+
+    def vs(model: str, versus: str, metric: str) -> str:
+        d = found.get((model, versus, metric))
+        return "" if d is None else f"{d['mean']:+.4f} ({d['won']}/{d['seeds']})"
+
+    head = ["model", *metrics, *(f"vs single_task {m}" for m in metrics), *(f"vs mmoe {m}" for m in metrics)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in summary["rows"]:
+        name = row["model"]
+        cells = [name, *(f"{row[m]:.4f} ± {row[m + ' std']:.4f}" for m in metrics),
+                 *(vs(name, "single_task", m) for m in metrics), *(vs(name, "mmoe", m) for m in metrics)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(arguments: list[str]) -> None:
-    for argument in arguments:
+    short = "--compact" in arguments
+    for argument in (a for a in arguments if a != "--compact"):
         paths = argument.split("+")
         print(f"## {Path(paths[0]).parent.name}\n")
-        print(markdown_table(merged(paths)) + "\n")
+        summary = merged(paths)
+        print((compact(summary) if short else markdown_table(summary)) + "\n")
 
 
 if __name__ == "__main__":

@@ -84,12 +84,15 @@ def workload(rows: int, user_rows: int, item_rows: int, seed: int = 0):
 
 
 def nbytes(value) -> int:
-    """Bytes of a tensor, or of the local shards of a ShardedTensor (0 for anything else)."""
+    """Bytes of a tensor, or of the local shards of a ShardedTensor (0 for anything else, and for
+    a meta tensor: a shape without storage, as the plain tables are while the shards hold them)."""
     import torch
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     if isinstance(value, ShardedTensor):
         return sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards())
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        return 0
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     return 0
