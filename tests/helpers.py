@@ -94,3 +94,31 @@ def wait_for_checkpoint_inside_epoch(sidecar, epoch: int = 2, seconds: float = 3
         if info.get("epoch") == epoch and info.get("step_in_epoch", 0) > 0:
             return
         time.sleep(poll)
+
+
+def exported_equals_predict(raw: dict, folder, rows: int = 40, torchscript: bool = False):
+    """Train the config `raw` into `folder`, export it to ONNX (and TorchScript) and check the
+    exported model's predictions on `rows` test rows equal `TrainedModel.predict` (1e-5).
+    Returns (the run, the loaded model, the rows, the config)."""
+    import numpy as np
+    import onnxruntime
+
+    from mtlrec.config import load_config
+    from mtlrec.experiment import load_splits, run_experiment
+    from mtlrec.export import export_onnx, export_torchscript
+    from mtlrec.trained import load
+
+    cfg = load_config(raw)
+    result = run_experiment(cfg, folder)
+    trained = load(folder)
+    table = load_splits(cfg).test.head(rows).reset_index(drop=True)
+    expected = trained.predict(table).to_numpy()
+    session = onnxruntime.InferenceSession(str(export_onnx(trained, folder / "m.onnx")))
+    sparse = {f.name: np.array([str(v) for v in table[f.name]], dtype=object) for f in cfg.schema.sparse}
+    dense = table[[f.name for f in cfg.schema.dense]].to_numpy(dtype=np.float32).copy()
+    np.testing.assert_allclose(session.run(["predictions"], sparse | {"dense": dense})[0], expected, atol=1e-5, rtol=0)
+    if torchscript:
+        scorer = torch.jit.load(str(export_torchscript(trained, folder / "m.pt")))
+        got = scorer({k: list(v) for k, v in sparse.items()}, torch.from_numpy(dense)).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    return result, trained, table, cfg

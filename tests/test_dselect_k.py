@@ -6,10 +6,9 @@ r(z^(i)) and the entropy penalty; then training, errors and the ONNX export."""
 import doctest
 import math
 
-import numpy as np
 import pytest
 import torch
-from helpers import dense_schema, linear_layers, plain_mlp
+from helpers import dense_schema, exported_equals_predict, linear_layers, plain_mlp
 
 from mtlrec import models
 from mtlrec.data.features import Features
@@ -334,26 +333,9 @@ def test_examples_in_the_docstrings_run():
 # ------------------------------------------------------------------ export
 @pytest.mark.parametrize("per_example", [True, False])
 def test_onnx_export_equals_pytorch(per_example, tmp_path):
-    import onnxruntime
-
-    from mtlrec.config import load_config
-    from mtlrec.experiment import load_splits, run_experiment
-    from mtlrec.export import export_onnx
-    from mtlrec.trained import load
-
     raw = {"seed": 2, "data": {"synthetic": {"rows": 600, "dim": 5, "sparse_features": 2,
                                              "task_types": ["binary", "regression"]}},
            "model": {"name": "dselect_k", "num_experts": 5, "k": 2, "expert_hidden": [8], "tower_hidden": [4],
                      "per_example": per_example},
            "train": {"epochs": 1, "progress": False}}
-    cfg = load_config(raw)
-    run_experiment(cfg, tmp_path / "model")
-    trained = load(tmp_path / "model")
-    table = load_splits(cfg).test.head(40).reset_index(drop=True)
-    expected = trained.predict(table).to_numpy()
-    export_onnx(trained, tmp_path / "m.onnx")
-    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
-    sparse = {f.name: np.array([str(v) for v in table[f.name]], dtype=object) for f in cfg.schema.sparse}
-    dense = table[[f.name for f in cfg.schema.dense]].to_numpy(dtype=np.float32)
-    got = session.run(["predictions"], sparse | {"dense": dense})[0]
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    exported_equals_predict(raw, tmp_path / "model")

@@ -4,10 +4,9 @@ sees, which input each expert reads), the weights read out of the model by exper
 
 import doctest
 
-import numpy as np
 import pytest
 import torch
-from helpers import dense_schema, linear_layers, mix, plain_gate, plain_mlp
+from helpers import dense_schema, exported_equals_predict, linear_layers, mix, plain_gate, plain_mlp
 
 from mtlrec import models
 from mtlrec.data.features import Features
@@ -243,30 +242,9 @@ def test_doc_example_runs():
 
 
 def test_onnx_and_torchscript_exports_equal_pytorch(tmp_path):
-    import onnxruntime
-
-    from mtlrec.config import load_config
-    from mtlrec.experiment import load_splits, run_experiment
-    from mtlrec.export import export_onnx, export_torchscript
-    from mtlrec.trained import load
-
     raw = {"seed": 2, "data": {"synthetic": {"rows": 400, "dim": 5, "sparse_features": 2,
                                              "task_types": ["binary", "regression"]}},
            "model": {"name": "home", "task_groups": [["y1"], ["y2"]], "expert_hidden": [8], "tower_hidden": [4],
                      "task_experts": 2, "feature_gate_rank": 2},
            "train": {"epochs": 1, "progress": False}}
-    cfg = load_config(raw)
-    run_experiment(cfg, tmp_path / "model")
-    trained = load(tmp_path / "model")
-    table = load_splits(cfg).test.head(40).reset_index(drop=True)
-    expected = trained.predict(table).to_numpy()
-    export_onnx(trained, tmp_path / "m.onnx")
-    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
-    sparse = {f.name: np.array([str(v) for v in table[f.name]], dtype=object) for f in cfg.schema.sparse}
-    dense = table[[f.name for f in cfg.schema.dense]].to_numpy(dtype=np.float32).copy()
-    got = session.run(["predictions"], sparse | {"dense": dense})[0]
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
-    export_torchscript(trained, tmp_path / "m.pt")
-    scorer = torch.jit.load(str(tmp_path / "m.pt"))
-    got = scorer({k: list(v) for k, v in sparse.items()}, torch.from_numpy(dense)).numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    exported_equals_predict(raw, tmp_path / "model", torchscript=True)

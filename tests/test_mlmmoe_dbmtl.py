@@ -2,18 +2,15 @@
 (float64, one expert, gate and layer at a time, weights read from the model); the gradient
 paths DBMTL's dependencies open; option errors; ONNX export."""
 
-import numpy as np
 import pytest
 import torch
-from helpers import dense_schema, mix, plain_gate
+from helpers import dense_schema, exported_equals_predict, mix, plain_gate
 from helpers import linear_layers as layers_of
 from helpers import plain_mlp as mlp
 
 import mtlrec.models.ml_mmoe  # noqa: F401  (registers ml_mmoe until the zoo imports it)
 from mtlrec import models
-from mtlrec.config import load_config
 from mtlrec.data.features import Features
-from mtlrec.experiment import load_splits, run_experiment
 from mtlrec.models.base import shared_parameters
 from mtlrec.models.dbmtl import bayes_order  # registers dbmtl
 
@@ -247,22 +244,7 @@ def test_dbmtl_cycles_fail_at_config_load_and_mmoe_options_need_experts():
      "dependencies": {"y2": ["y1"]}, "batch_norm": True},
 ])
 def test_onnx_export_equals_pytorch(model, tmp_path):
-    import onnxruntime
-
-    from mtlrec.export import export_onnx
-    from mtlrec.trained import load
-
     raw = {"seed": 1, "data": {"synthetic": {"rows": 400, "dim": 5, "sparse_features": 2,
                                              "task_types": ["binary", "regression"]}},
            "model": {"tower_hidden": [4], **model}, "train": {"epochs": 1, "batch_size": 64, "progress": False}}
-    cfg = load_config(raw)
-    run_experiment(cfg, tmp_path / "model")
-    trained = load(tmp_path / "model")
-    table = load_splits(cfg).test.head(30).reset_index(drop=True)
-    expected = trained.predict(table).to_numpy()
-    export_onnx(trained, tmp_path / "m.onnx")
-    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
-    inputs = {f.name: np.array([str(v) for v in table[f.name]], dtype=object) for f in cfg.schema.sparse}
-    inputs["dense"] = table[[f.name for f in cfg.schema.dense]].to_numpy(dtype=np.float32)
-    got = session.run(["predictions"], inputs)[0]
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    exported_equals_predict(raw, tmp_path / "model", rows=30)

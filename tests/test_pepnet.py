@@ -2,16 +2,14 @@
 Eq. 1-10 written here, reading the weights out of the model; the stop-gradients; the Gate
 NU's range; `FeatureEmbedding.feature_columns`; option errors; ONNX export."""
 
-import numpy as np
 import pytest
 import torch
+from helpers import exported_equals_predict
 from helpers import linear_layers as layers_of
 from helpers import plain_mlp as mlp
 
 from mtlrec import models
-from mtlrec.config import load_config
 from mtlrec.data.features import Features, Jagged
-from mtlrec.experiment import load_splits, run_experiment
 from mtlrec.models.pepnet import GateNU
 from mtlrec.schema import Schema
 
@@ -183,25 +181,10 @@ def test_bad_options_are_errors_naming_them(options, message):
 
 
 def test_onnx_export_equals_pytorch(tmp_path):
-    import onnxruntime
-
-    from mtlrec.export import export_onnx
-    from mtlrec.trained import load
-
     raw = {"seed": 1, "data": {"synthetic": {"rows": 800, "dim": 4, "sparse_features": 3,
                                              "task_types": ["binary", "regression"]}},
            "model": {"name": "pepnet", "domain_features": ["c0"], "prior_features": ["c1", "x3"],
                      "tower_hidden": [4], "gate_hidden": [8]},
            "train": {"epochs": 2, "progress": False}}
-    cfg = load_config(raw)
-    result = run_experiment(cfg, tmp_path / "model")
+    result, _, _, _ = exported_equals_predict(raw, tmp_path / "model")
     assert result.history[-1]["valid/loss"] < result.history[0]["valid/loss"]
-    trained = load(tmp_path / "model")
-    table = load_splits(cfg).test.head(40).reset_index(drop=True)
-    expected = trained.predict(table).to_numpy()
-    export_onnx(trained, tmp_path / "m.onnx")
-    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
-    sparse = {f.name: np.array([str(v) for v in table[f.name]], dtype=object) for f in cfg.schema.sparse}
-    dense = table[[f.name for f in cfg.schema.dense]].to_numpy(dtype=np.float32)
-    got = session.run(["predictions"], sparse | {"dense": dense})[0]
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)

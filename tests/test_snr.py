@@ -8,16 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import dense_schema, linear_layers, plain_mlp
+from helpers import dense_schema, exported_equals_predict, linear_layers, plain_mlp
 
 from mtlrec import models
 from mtlrec.models import snr
 from mtlrec.analysis import gate_utilisation, utilisation_table
-from mtlrec.config import load_config
 from mtlrec.data.features import Features
-from mtlrec.experiment import load_splits, run_experiment
-from mtlrec.export import export_onnx, export_torchscript
-from mtlrec.trained import load
 
 TOL = 1e-6
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1  # the papers' defaults
@@ -216,27 +212,12 @@ def test_doctest_runs():
 
 @pytest.mark.parametrize("name", ["snr_trans", "snr_aver"])
 def test_trained_model_exports_and_its_gates_are_analysed(name, tmp_path):
-    import onnxruntime
-
     raw = {"seed": 2, "data": {"synthetic": {"rows": 600, "dim": 4, "sparse_features": 2,
                                              "task_types": ["binary", "regression"]}},
            "model": {"name": name, "subnetworks": [3, 2], "expert_hidden": [6], "tower_hidden": [4],
                      "batch_norm": True},
            "train": {"epochs": 1, "progress": False}}
-    cfg = load_config(raw)
-    run_experiment(cfg, tmp_path / "m")
-    trained = load(tmp_path / "m")
-    table = load_splits(cfg).test.head(31).reset_index(drop=True)
-    expected = trained.predict(table).to_numpy()
-    export_onnx(trained, tmp_path / "m.onnx")
-    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
-    sparse = {f.name: np.array([str(v) for v in table[f.name]], dtype=object) for f in cfg.schema.sparse}
-    dense = table[[f.name for f in cfg.schema.dense]].to_numpy(dtype=np.float32).copy()
-    got = session.run(["predictions"], sparse | {"dense": dense})[0]
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
-    scorer = export_torchscript(trained, tmp_path / "m.pt")
-    got = torch.jit.load(str(scorer))({k: list(v) for k, v in sparse.items()}, torch.from_numpy(dense)).numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    _, trained, table, _ = exported_equals_predict(raw, tmp_path / "m", rows=31, torchscript=True)
     # `mtlrec analyze`: every gate's mean codes, over sub-networks all shared by the tasks
     means = gate_utilisation(trained, table)
     bb = trained.model.backbone

@@ -5,10 +5,9 @@ while every task's prediction reads every embedding; ONNX export equals PyTorch.
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-from helpers import linear_layers, mix, plain_gate, plain_mlp
+from helpers import exported_equals_predict, linear_layers, mix, plain_gate, plain_mlp
 
 import mtlrec.models.stem  # noqa: F401  (registers "stem")
 from mtlrec import models
@@ -159,30 +158,15 @@ def test_options_are_checked():
 
 
 def test_trained_model_exports_to_onnx_and_its_gates_are_analysed(tmp_path):
-    import onnxruntime
 
     from mtlrec.analysis.utilisation import gate_utilisation, utilisation_table
-    from mtlrec.config import load_config
-    from mtlrec.experiment import load_splits, run_experiment
-    from mtlrec.export import export_onnx
-    from mtlrec.trained import load
 
     raw = {"seed": 1, "data": {"synthetic": {"rows": 600, "dim": 4, "sparse_features": 2,
                                              "task_types": ["binary", "regression"]}},
            "model": {"name": "stem", "task_experts": 1, "shared_experts": 2, "expert_hidden": [8],
                      "tower_hidden": [4], "batch_norm": True},
            "train": {"epochs": 1, "batch_size": 64, "progress": False}}
-    cfg = load_config(raw)
-    run_experiment(cfg, tmp_path / "model")
-    trained = load(tmp_path / "model")
-    table = load_splits(cfg).test.head(40).reset_index(drop=True)
-    expected = trained.predict(table).to_numpy()
-    export_onnx(trained, tmp_path / "m.onnx")
-    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
-    inputs = {f.name: np.array([str(v) for v in table[f.name]], dtype=object) for f in cfg.schema.sparse}
-    inputs["dense"] = table[[f.name for f in cfg.schema.dense]].to_numpy(dtype=np.float32)
-    got = session.run(["predictions"], inputs)[0]
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    _, trained, table, _ = exported_equals_predict(raw, tmp_path / "model")
 
     rows = utilisation_table(trained, gate_utilisation(trained, table))
     counts = rows.groupby(["gate", "owner"]).size().to_dict()
