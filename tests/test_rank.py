@@ -48,14 +48,21 @@ def test_ndcg_at_k_by_hand():
     assert ndcg_at_k(rel, scores, groups, 2) == pytest.approx((dcg / idcg + 1.0) / 2)
 
 
-def test_rank_command(tmp_path, tiny_config, capsys):
-    raw = tiny_config | {"rank": {"weights": {"y1": 1.0, "y2": 0.0}, "relevance": {"y1": 1.0}}}
+def trained_with_users(raw, tmp_path):
+    """Train two binary tasks of `raw` into tmp_path/m; its test split with a `user` column
+    (20 users) written to tmp_path/t.csv and returned."""
     raw["data"]["synthetic"]["task_types"] = ["binary", "binary"]
     cfg = load_config(raw)
     run_experiment(cfg, tmp_path / "m")
     test = load_splits(cfg).test
     test["user"] = np.arange(len(test)) % 20
     test.to_csv(tmp_path / "t.csv", index=False)
+    return test
+
+
+def test_rank_command(tmp_path, tiny_config, capsys):
+    raw = tiny_config | {"rank": {"weights": {"y1": 1.0, "y2": 0.0}, "relevance": {"y1": 1.0}}}
+    trained_with_users(raw, tmp_path)
     out = tmp_path / "ranked.csv"
     assert main(["rank", str(tmp_path / "m"), str(tmp_path / "t.csv"), "--group-by", "user", "--top-k", "3",
                  "--out", str(out)]) == 0
@@ -73,12 +80,7 @@ def test_rank_command(tmp_path, tiny_config, capsys):
 
 def test_rank_computes_labels_as_training_does_and_says_what_it_cannot_compute(tmp_path, tiny_config, capsys):
     raw = tiny_config | {"tasks": [{"name": "y1"}, {"name": "liked", "expression": "y2 == 1"}]}
-    raw["data"]["synthetic"]["task_types"] = ["binary", "binary"]
-    cfg = load_config(raw)
-    run_experiment(cfg, tmp_path / "m")
-    test = load_splits(cfg).test
-    test["user"] = np.arange(len(test)) % 20
-    test.to_csv(tmp_path / "t.csv", index=False)
+    test = trained_with_users(raw, tmp_path)
     assert main(["rank", str(tmp_path / "m"), str(tmp_path / "t.csv"), "--group-by", "user", "--top-k", "3"]) == 0
     printed = capsys.readouterr()
     from mtlrec.trained import load
