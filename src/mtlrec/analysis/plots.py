@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend
+from matplotlib.ticker import MaxNLocator
 
 
 def _save(fig, path: Path) -> list[str]:
@@ -21,38 +22,50 @@ def _save(fig, path: Path) -> list[str]:
 
 
 def training_curves(bench_dir: Path, metrics: list[str], path: Path) -> list[str]:
-    """Validation metric per epoch, a panel per task metric, a line per model (seed of the
-    first run), read from each run's epochs.jsonl under `bench_dir/MODEL/seedN/`."""
+    """Validation metric per epoch, a panel per task metric, a line per model and seed (one
+    colour per model), read from each run's epochs.jsonl under `bench_dir/MODEL/seedN/`."""
     fig = Figure(figsize=(5 * len(metrics), 3.6))
     axes = fig.subplots(1, len(metrics), squeeze=False)
-    for model_dir in sorted(p for p in bench_dir.iterdir() if p.is_dir()):
-        runs = sorted(model_dir.glob("seed*/epochs.jsonl"))
-        if not runs:
-            continue
-        rows = [json.loads(line) for line in runs[0].read_text().splitlines()]
-        for ax, metric in zip(axes[0], metrics):
-            ax.plot([r["epoch"] for r in rows], [r[f"valid/{metric}"] for r in rows], marker=".", label=model_dir.name)
+    seeds: set[str] = set()
+    models = [p for p in sorted(bench_dir.iterdir()) if p.is_dir() and list(p.glob("seed*/epochs.jsonl"))]
+    for index, model_dir in enumerate(models):
+        colour = f"C{index % 10}"
+        for n, run in enumerate(sorted(model_dir.glob("seed*/epochs.jsonl"))):
+            seeds.add(run.parent.name)
+            rows = [json.loads(line) for line in run.read_text().splitlines()]
+            for ax, metric in zip(axes[0], metrics):
+                ax.plot([r["epoch"] for r in rows], [r[f"valid/{metric}"] for r in rows], color=colour, lw=1,
+                        alpha=0.8, marker=".", ms=3, label=model_dir.name if n == 0 else None)
     for ax, metric in zip(axes[0], metrics):
-        ax.set_title(f"validation {metric}")
+        ax.set_title(f"validation {metric} ({len(seeds)} seed(s), a line each)")
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def pareto(summary: dict, path: Path) -> list[str]:
-    """Task A's metric against task B's, a point per model (mean, std as error bars), for
-    each pair of tasks: where the seesaw shows, models trade one task for the other."""
+    """Task A's metric against task B's, a point per model (mean, std as error bars) with
+    its seeds as small dots, for each pair of tasks: where the seesaw shows, models trade one
+    task for the other. The title says which corner is better (higher AUC, lower MSE)."""
+    from mtlrec.tasks import higher_is_better
+
     metrics = summary["metrics"]
     pairs = [(a, b) for i, a in enumerate(metrics) for b in metrics[i + 1 :]] or [(metrics[0], metrics[0])]
     fig = Figure(figsize=(5 * len(pairs), 4))
     axes = fig.subplots(1, len(pairs), squeeze=False)
+    runs = summary.get("runs", [])
     for ax, (a, b) in zip(axes[0], pairs):
-        for row in summary["rows"]:
-            ax.errorbar(row[a], row[b], xerr=row[f"{a} std"], yerr=row[f"{b} std"], fmt="o", capsize=3)
+        for index, row in enumerate(summary["rows"]):
+            colour = f"C{index % 10}"
+            mine = [r for r in runs if r["model"] == row["model"]]
+            ax.scatter([r[a] for r in mine], [r[b] for r in mine], s=9, color=colour, alpha=0.5)
+            ax.errorbar(row[a], row[b], xerr=row[f"{a} std"], yerr=row[f"{b} std"], fmt="o", capsize=3, color=colour)
             ax.annotate(row["model"], (row[a], row[b]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(a)
-        ax.set_ylabel(b)
-        ax.set_title(f"{a} vs {b}")
+        ax.set_xlabel(f"{a} ({'higher' if higher_is_better(a) else 'lower'} is better)")
+        ax.set_ylabel(f"{b} ({'higher' if higher_is_better(b) else 'lower'} is better)")
+        ax.xaxis.set_major_locator(MaxNLocator(5))  # metric values near 1 need room
+        corner = f"{'upper' if higher_is_better(b) else 'lower'} {'right' if higher_is_better(a) else 'left'}"
+        ax.set_title(f"{a} vs {b}: better toward the {corner}")
     return _save(fig, path)
 
 
