@@ -11,6 +11,7 @@ MODULES = [
     "mtlrec.train.evaluation", "mtlrec.folders", "mtlrec.models.dselect_k", "mtlrec.models.pepnet",
     "mtlrec.models.stem", "mtlrec.models.ml_mmoe", "mtlrec.models.dbmtl", "mtlrec.models.home", "mtlrec.models.snr",
     "mtlrec.nn.routing", "mtlrec.data.splits", "mtlrec.analysis.paired",
+    "mtlrec.train.metrics",
 ]
 
 

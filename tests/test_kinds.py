@@ -192,8 +192,8 @@ def test_metric_names_directions_baselines_and_uncertainty_constants():
     tasks = TaskSet(schema_of(("click", "focal", {}), ("spend", "tweedie", {"power": 1.2}),
                               ("watch", "lognormal", {})))
     assert tasks.metric_names == ["auc/click", "tweedie_deviance/spend", "mse_log/watch",
-                                  "logloss/click", "mae/spend", "mae/watch"]
-    assert [higher_is_better(m) for m in tasks.metric_names] == [True, False, False, False, False, False]
+                                  "logloss/click", "ece/click", "mae/spend", "mae/watch"]
+    assert [higher_is_better(m) for m in tasks.metric_names] == [True, False, False, False, False, False, False]
     assert tasks.uncertainty_scales.tolist() == [1.0, 1.0, 0.5]
     labels = torch.tensor([[0.0, 3.0, 10.0], [1.0, 0.0, 40.0], [0.0, 7.5, 160.0], [1.0, 9.0, 0.0]])
     mask = torch.tensor([[True] * 3, [True] * 3, [True] * 3, [False, False, False]])

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtlrec.schema import DenseFeature, Schema, Task
 from mtlrec.tasks import TaskSet
 from mtlrec.train.metrics import auc, log_loss
 from helpers import dense_schema
@@ -70,3 +71,27 @@ def test_task_metrics_over_the_task_sample_space():
     one_class = TaskSet(schema).metrics(preds, np.zeros_like(labels), mask)
     assert math.isnan(one_class["auc/c"]) and not math.isnan(one_class["logloss/c"])
     assert log_loss(np.array([1.0]), np.array([1.0])) < 1e-6  # clipped, finite
+
+
+def test_expected_calibration_error_equals_a_loop_over_bins_and_is_reported_for_binary_tasks():
+    from mtlrec.train.metrics import expected_calibration_error
+
+    rng = np.random.default_rng(3)
+    p = rng.random(500)
+    y = (rng.random(500) < p ** 2).astype(float)  # over-confident probabilities
+    w = rng.integers(0, 3, 500).astype(float)
+    for weights in (None, w):
+        ww = np.ones(500) if weights is None else weights
+        total = 0.0
+        for b in range(15):  # equal-width bins, the last one closed
+            inside = (p >= b / 15) & ((p < (b + 1) / 15) if b < 14 else (p <= 1))
+            if ww[inside].sum() > 0:
+                gap = np.average(y[inside], weights=ww[inside]) - np.average(p[inside], weights=ww[inside])
+                total += ww[inside].sum() / ww.sum() * abs(gap)
+        assert expected_calibration_error(y, p, weights) == pytest.approx(total, abs=1e-12)
+    assert expected_calibration_error(y, p) > 0.1  # p vs a rate of p^2: far from calibrated
+    calibrated = (rng.random(200_000) < (q := rng.random(200_000))).astype(float)
+    assert expected_calibration_error(calibrated, q) < 0.01
+    schema = Schema(dense=[DenseFeature(name="x")], tasks=[Task(name="c"), Task(name="r", type="regression")])
+    metrics = TaskSet(schema).metrics(np.stack([p, p], 1), np.stack([y, y], 1), np.ones((500, 2), dtype=bool))
+    assert metrics["ece/c"] == pytest.approx(expected_calibration_error(y, p)) and "ece/r" not in metrics

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from mtlrec.train.metrics import (
     auc,
+    expected_calibration_error,
     log_loss,
     mean_absolute_error,
     mean_squared_error,
@@ -143,7 +144,8 @@ def kind_of(name: str) -> TaskKind:
 @register_kind
 class Binary(TaskKind):
     name = "binary"
-    metrics = (Metric("auc", auc, True), Metric("logloss", log_loss, False))
+    metrics = (Metric("auc", auc, True), Metric("logloss", log_loss, False),
+               Metric("ece", expected_calibration_error, False))
     label_rule = "0 or 1"
     probability = True
 

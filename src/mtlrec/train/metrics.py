@@ -53,6 +53,26 @@ def log_loss(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None =
     return _mean(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)), weights)
 
 
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None,
+                               bins: int = 15) -> float:
+    """ECE (Naeini et al., AAAI 2015; Guo et al., ICML 2017, Eq. 3): the probabilities cut into
+    `bins` equal-width bins, sum_b (n_b / n) |mean label_b - mean probability_b| (weighted
+    means and counts with sample weights). 0 for a calibrated model.
+
+    Example:
+        >>> round(expected_calibration_error(np.array([0, 1, 1, 0]), np.array([0.1, 0.9, 0.6, 0.6]), bins=2), 4)
+        0.05
+    """
+    w = np.ones_like(probs, dtype=np.float64) if weights is None else weights.astype(np.float64)
+    total = w.sum()
+    if total <= 0:
+        return math.nan
+    which = np.minimum((probs.astype(np.float64) * bins).astype(np.int64), bins - 1)
+    mass = np.bincount(which, weights=w, minlength=bins)
+    gap = np.bincount(which, weights=w * (labels - probs), minlength=bins)  # per bin: sum w (y - p)
+    return float(np.abs(gap).sum() / total)  # sum_b (mass_b / total) |gap_b / mass_b|
+
+
 def mean_squared_error(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None) -> float:
     return _mean((predictions - labels) ** 2, weights)
 
