@@ -68,9 +68,8 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, weights: n
     if total <= 0:
         return math.nan
     which = np.minimum((probs.astype(np.float64) * bins).astype(np.int64), bins - 1)
-    mass = np.bincount(which, weights=w, minlength=bins)
     gap = np.bincount(which, weights=w * (labels - probs), minlength=bins)  # per bin: sum w (y - p)
-    return float(np.abs(gap).sum() / total)  # sum_b (mass_b / total) |gap_b / mass_b|
+    return float(np.abs(gap).sum() / total)  # = sum_b (mass_b / total) |gap_b / mass_b|
 
 
 def mean_squared_error(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None) -> float:
