@@ -74,6 +74,12 @@ def _sharder_class():
     return CpuRowWiseSharder
 
 
+def is_fused_table(name: str) -> bool:
+    """Whether parameter `name` is a table of an EmbeddingBagCollection, which TorchRec's fused
+    kernel updates inside backward (no gradient tensor, no torch optimizer)."""
+    return ".embedding_bags." in name
+
+
 def plan(model: nn.Module, sharding: Sharding, sharders: list, device: torch.device):
     """TorchRec's plan for every table of `model` under `sharding` (auto: the planner
     chooses), made on rank 0 and broadcast, so every process holds the same plan."""
@@ -81,7 +87,7 @@ def plan(model: nn.Module, sharding: Sharding, sharders: list, device: torch.dev
 
     if sharding not in SHARDINGS:
         raise ValueError(f"embedding sharding {sharding!r} is not one of {SHARDINGS}")
-    tables = [name.split(".")[-2] for name, _ in model.named_parameters() if ".embedding_bags." in name]
+    tables = [name.split(".")[-2] for name, _ in model.named_parameters() if is_fused_table(name)]
     constraints = None if sharding == "auto" else {t: ParameterConstraints(sharding_types=[sharding]) for t in tables}
     topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
@@ -129,7 +135,7 @@ def shard_model(model: nn.Module, sharding: Sharding, optimizer: EmbeddingOptimi
 def dense_parameters(wrapped: nn.Module) -> list[nn.Parameter]:
     """The parameters the model's own optimizer updates: all but the sharded tables' (their
     optimizer is fused into the backward pass)."""
-    return [p for name, p in wrapped.named_parameters() if ".embedding_bags." not in name]
+    return [p for name, p in wrapped.named_parameters() if not is_fused_table(name)]
 
 
 def gathered_state_dict(wrapped: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -331,5 +337,6 @@ def _barrier() -> None:
 
 
 __all__ = ["OPTIMIZERS", "SHARDINGS", "EmbeddingOptimizer", "TorchRecTables", "check_fusable", "dense_parameters",
+           "is_fused_table",
            "embedding_owners", "fused_kernel_optimizer", "fused_optimizers", "gathered_state_dict", "load_tables",
            "plan", "remove_old_tables", "save_tables", "shard_model"]

@@ -31,6 +31,7 @@ from mtlrec.train.early_stopping import COMBINED, EarlyStopping, PerTaskStopping
 from mtlrec.train.evaluation import evaluate_logits
 from mtlrec.train.gradients import SharedParameters
 from mtlrec.train.optim import build_optimizers
+from mtlrec.train.sharding import is_fused_table
 
 if TYPE_CHECKING:
     from mtlrec.train.sharding import TorchRecTables
@@ -129,22 +130,24 @@ class Trainer:
         self.tasks = TaskSet(schema).to(self.device)
         self.seed = seed
         self.weighting = create_weighting(config.weighting, self.tasks).to(self.device)
-        fused = (lambda name: ".embedding_bags." in name) if self.tables else None  # tables update themselves
+        fused = {id(p) for name, p in self.model.named_parameters() if is_fused_table(name)}  # none: plain tables
         dense_config = config
         if self.tables:  # an 'embedding' group sets the fused tables' optimizer; the rest of the embedding: 'rest'
             dense_config = config.model_copy(update={"optimizers": [g for g in config.optimizers
                                                                     if g.params != "embedding"]})
-        self.optimizers = build_optimizers({"": self.model, "weighting": self.weighting}, dense_config, skip=fused)
+        self.optimizers = build_optimizers({"": self.model, "weighting": self.weighting}, dense_config,
+                                           skip=is_fused_table if self.tables else None)  # tables update themselves
         # gradient methods and alternating steps act on the parameters the torch optimizers update:
-        # TorchRec's fused tables (updated inside backward) are left out (see `_dense_only`)
+        # TorchRec's fused tables (their gradient never materialised) are left out; the tables take
+        # the plain weighted sum of the task gradients
         base = self.model.module if self.sharded else self.model  # DistributedModelParallel: the model inside
-        self.shared = self._dense_only(shared_parameters(base, len(self.tasks)), base)
-        fused = self._fused_ids(base)
+        shared = shared_parameters(base, len(self.tasks))
+        kept = [(p, m) for p, m in zip(shared.params, shared.masks) if id(p) not in fused]
+        self.shared = SharedParameters([p for p, _ in kept], [m for _, m in kept])
         self.task_params = [[p for p in base.task_parameters(k) if id(p) not in fused] for k in range(len(self.tasks))]
         # data parallel: every gradient averaged after backward; sharded, DistributedDataParallel does the
         # model's (but the fused tables') unless a gradient method runs (`dense_by_hand`)
         by_hand = (not self.sharded or self.dense_by_hand) and not self.ddp
-        fused = self._fused_ids(self.model)
         dense = [p for p in self.model.parameters() if id(p) not in fused]
         self.averaged = [*(dense if by_hand else []), *self.weighting.parameters()]
         self.schedule = TaskSchedule(config.alternating.order, len(self.tasks), config.alternating.ratios, seed)
@@ -160,21 +163,6 @@ class Trainer:
         self.global_step = 0
         self.last_checkpoint: int | None = None
         self._first_bad = torch.full((len(self.tasks),), -1, dtype=torch.long, device=self.device)
-
-    @staticmethod
-    def _fused_ids(model: nn.Module) -> set[int]:
-        """The parameters of TorchRec's fused tables (none with plain tables)."""
-        return {id(p) for name, p in model.named_parameters() if ".embedding_bags." in name}
-
-    def _dense_only(self, shared: SharedParameters, model: nn.Module) -> SharedParameters:
-        """`shared` less the fused tables: their gradient is never materialised (fbgemm applies it
-        inside backward), so a gradient method reshapes the dense shared parameters' gradient and
-        the tables take the plain weighted sum of the task gradients."""
-        if self.tables is None:
-            return shared
-        fused = self._fused_ids(model)
-        kept = [(p, m) for p, m in zip(shared.params, shared.masks) if id(p) not in fused]
-        return SharedParameters([p for p, _ in kept], [m for _, m in kept])
 
     def _early_stopping(self, config: TrainConfig) -> EarlyStopping | PerTaskStopping:
         """One stopper for the model; for the single-task baseline (plain tables) one per
