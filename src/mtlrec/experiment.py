@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from mtlrec.data.source import BatchSource
 from mtlrec.data.streaming import ParquetStream
 from mtlrec.folders import FolderExists, holds_files, partial_folder, publish
 from mtlrec.trained import TrainedModel
+from mtlrec.train.callbacks import TrainingCallback
 from mtlrec.train.checkpoint import has_checkpoint, remove_checkpoint
 from mtlrec.train.distributed import barrier, world
 from mtlrec.train.evaluation import evaluate_logits, prediction_table
@@ -107,14 +108,16 @@ def _ids(rows, source: str) -> pd.DataFrame:
 
 
 def run_experiment(config: Experiment, folder: str | Path | None = None, encoded: Encoded | None = None,
-                   resume: bool = False, overwrite: bool = False) -> RunResult:
+                   resume: bool = False, overwrite: bool = False,
+                   callbacks: Sequence[TrainingCallback] = ()) -> RunResult:
     """Train `config`'s model; save it (with its epoch log and test metrics) to `folder` if given.
 
     The run works in `FOLDER.partial/` (the epoch log, and checkpoints with
     `train.checkpoint_every`) and renames it to `folder` once the model is saved whole
     (`mtlrec.folders`); an existing `folder` is replaced only with `overwrite`, and only then.
     `resume=True` continues the unfinished run in `FOLDER.partial/` if the config still
-    matches it. Under torch.distributed only rank 0 writes. Sets torch's CPU threads to
+    matches it. `callbacks` hear of every step and epoch (`mtlrec.train.callbacks`; tracking,
+    search). Under torch.distributed only rank 0 writes. Sets torch's CPU threads to
     `train.threads` when given."""
     start = time.perf_counter()
     if config.train.threads:
@@ -133,7 +136,7 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
     trained = TrainedModel.build(config, encoder)
     trainer = Trainer(trained.model, encoder.schema, config.train, seed=config.seed,
                       log_path=work / "epochs.jsonl" if work else None, checkpoint_dir=work,
-                      run_config=config.to_dict())
+                      run_config=config.to_dict(), callbacks=callbacks)
     history = trainer.fit(train, valid, resume=resume)
     test_metrics, test_rows = {}, None
     if test is not None:

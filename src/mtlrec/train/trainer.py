@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +26,7 @@ from mtlrec.schema import Schema
 from mtlrec.tasks import TaskSet
 from mtlrec.train import distributed
 from mtlrec.train.alternating import TaskSchedule
+from mtlrec.train.callbacks import TrainingCallback
 from mtlrec.train.checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mtlrec.train.early_stopping import COMBINED, EarlyStopping, PerTaskStopping, combined_score, task_metric
 from mtlrec.train.evaluation import evaluate_logits
@@ -104,8 +105,9 @@ class Trainer:
 
     def __init__(self, model: nn.Module, schema: Schema, config: TrainConfig, seed: int = 0,
                  log_path: str | Path | None = None, checkpoint_dir: str | Path | None = None,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, callbacks: Sequence[TrainingCallback] = ()):
         self.rank, self.world = distributed.world()
+        self.callbacks = list(callbacks) if self.rank == 0 else []  # the process that writes tells them
         if config.batch_size % self.world:
             raise ValueError(f"train.batch_size {config.batch_size} must divide by the {self.world} processes")
         self.device = resolve_device(config.device)
@@ -223,6 +225,8 @@ class Trainer:
         first_epoch, skip, totals = 1, 0, None
         if resume:
             first_epoch, skip, totals = self._restore(generator)
+        for callback in self.callbacks:
+            callback.on_train_begin(self)
         for epoch in range(first_epoch, self.config.epochs + 1):
             if self.stopping.stop:
                 break
@@ -237,8 +241,12 @@ class Trainer:
                 self.stopping.observe(row, self.model)
             self._log(row)
             self._checkpoint(generator.get_state(), epoch + 1, 0, None)
+            for callback in self.callbacks:
+                callback.on_epoch_end(row)
         self.stopping.restore_best(self.model)
         self._plain_again()
+        for callback in self.callbacks:
+            callback.on_train_end(self.history)
         return self.history
 
     @property
@@ -300,7 +308,10 @@ class Trainer:
             module.after_optimizer_step()
         self.weighting.after_step()
         self.global_step += 1
-        return weights.detach(), losses.detach()
+        weights, losses = weights.detach(), losses.detach()
+        for callback in self.callbacks:
+            callback.on_step_end(self.global_step, losses, weights)
+        return weights, losses
 
     def _forward_backward(self, batch: TensorData) -> tuple[Tensor, Tensor]:
         out = self._forward(batch)
