@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,torchrec]'
+	$(BIN)/pip install --quiet -e '.[dev,torchrec,track,tune]'
 	$(BIN)/pip install --quiet --no-deps torchrec==1.8.0
 	touch $@
 
