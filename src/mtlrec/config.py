@@ -30,7 +30,9 @@ class ConfigError(ValueError):
 
 
 class DataConfig(ConfigBlock):
-    source: Literal["synthetic", "files"] = "synthetic"
+    source: Literal["synthetic", "files", "dataframes"] = Field(
+        "synthetic", description="synthetic: made from data.synthetic; files: data.train (and valid, test); "
+                                 "dataframes: the tables given to mtlrec.fit(config, train=..., valid=..., test=...)")
     synthetic: SyntheticConfig = SyntheticConfig()
     format: DataFormat = Field(
         "table", description="table: any CSV/Parquet; the others read a public data set's files and bring its schema"
@@ -61,6 +63,9 @@ class DataConfig(ConfigBlock):
                              "data.test files (nor valid_from_test)")
         if self.source == "files" and not self.train:
             raise ValueError("source 'files' needs data.train (a CSV or Parquet file)")
+        if self.source == "dataframes" and (self.train or self.valid or self.test or self.streaming):
+            raise ValueError("source 'dataframes' reads the tables given to mtlrec.fit: give no data.train / valid / "
+                             "test paths (nor streaming)")
         if self.valid_from_test and (not self.test or self.valid):
             raise ValueError("valid_from_test needs data.test and no data.valid")
         if self.streaming and (self.source != "files" or self.format != "table" or not self.valid
@@ -299,6 +304,11 @@ class Experiment(ConfigBlock):
 
 def load_config(source: str | Path | dict, overrides: list[str] = ()) -> Experiment:
     """Read a YAML file (or a dict), apply `a.b=value` overrides, validate."""
+    return validate_config(apply_overrides(read_raw_config(source), overrides))
+
+
+def read_raw_config(source: str | Path | dict) -> dict[str, Any]:
+    """The fields of a YAML config file (or the dict itself), not yet validated."""
     if isinstance(source, dict):
         raw = source
     else:
@@ -311,8 +321,7 @@ def load_config(source: str | Path | dict, overrides: list[str] = ()) -> Experim
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of fields")
-    raw = apply_overrides(raw, overrides)
-    return validate_config(raw)
+    return raw
 
 
 def validate_config(raw: dict[str, Any]) -> Experiment:

@@ -20,7 +20,7 @@ from mtlrec.data.formats import DATA_FORMATS
 from mtlrec.data.source import BatchSource
 from mtlrec.data.streaming import ParquetStream
 from mtlrec.folders import FolderExists, holds_files, partial_folder, publish
-from mtlrec.trained import TrainedModel
+from mtlrec.trained import HISTORY, METRICS, TrainedModel
 from mtlrec.train.callbacks import TrainingCallback
 from mtlrec.train.checkpoint import has_checkpoint, remove_checkpoint
 from mtlrec.train.distributed import barrier, world
@@ -54,15 +54,31 @@ class RunResult:
     hit_epoch_cap: bool = False  # all train.epochs ran and the last was the best: it may still have been improving
 
 
-def load_splits(config: Experiment) -> Splits:
-    """The train / valid / test tables: synthetic or read from files; a split missing as a file
+@dataclass(frozen=True)
+class Frames:
+    """The tables of a run with `data.source: dataframes` (what `fit` was given); valid and
+    test may be None, and are then cut from train as from a file."""
+
+    train: pd.DataFrame
+    valid: pd.DataFrame | None = None
+    test: pd.DataFrame | None = None
+
+
+def load_splits(config: Experiment, frames: Frames | None = None) -> Splits:
+    """The train / valid / test tables: synthetic, read from files, or the DataFrames given
+    (`frames`, with `data.source: dataframes`); a split missing as a file or table
     is cut from the training table (`data.split`: a seeded shuffle by default, or by time, per
     user leave-last-out, by group; `mtlrec.data.splits`), or the validation split from half
     the test file (valid_from_test)."""
     data = config.data
+    if (data.source == "dataframes") != (frames is not None):
+        raise ValueError("DataFrames are read with data.source 'dataframes' only (mtlrec.fit sets it): "
+                         f"data.source is {data.source!r}" + ("" if frames is not None else ", and no tables were given"))
     if data.source == "synthetic":
         table, name = make_synthetic(data.synthetic, seed=config.seed), "synthetic"
         valid = test = None
+    elif frames is not None:
+        table, valid, test, name = frames.train, frames.valid, frames.test, "train"
     else:
         read = DATA_FORMATS[data.format].read
         table, name = read(data.train), "train"
@@ -135,13 +151,13 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
     torch.manual_seed(config.seed)
     trained = TrainedModel.build(config, encoder)
     trainer = Trainer(trained.model, encoder.schema, config.train, seed=config.seed,
-                      log_path=work / "epochs.jsonl" if work else None, checkpoint_dir=work,
+                      log_path=work / HISTORY if work else None, checkpoint_dir=work,
                       run_config=config.to_dict(), callbacks=callbacks)
-    history = trainer.fit(train, valid, resume=resume)
+    history = trained.history = trainer.fit(train, valid, resume=resume)
     test_metrics, test_rows = {}, None
     if test is not None:
         logits, targets = trainer.predict_split(test)
-        test_metrics = evaluate_logits(trained.tasks, logits, targets)
+        test_metrics = trained.test_metrics = evaluate_logits(trained.tasks, logits, targets)
         test_rows = prediction_table(trained.tasks, logits, targets)
         if "test" in encoded.ids:  # which rows these are: score your own baselines on the same rows
             test_rows = pd.concat([encoded.ids["test"].reset_index(drop=True), test_rows], axis=1)
@@ -158,7 +174,7 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
                       ignore_index=True).to_parquet(work / "split.parquet", index=False)
         summary = {"test": test_metrics, "seconds": seconds, "parameters": parameters, "epochs": len(history),
                    "hit_epoch_cap": trainer.hit_epoch_cap}
-        (work / "metrics.json").write_text(json.dumps(summary, indent=2))
+        (work / METRICS).write_text(json.dumps(summary, indent=2))
         remove_checkpoint(work)  # the run is finished: nothing left to resume
         publish(work, folder, overwrite=True)  # checked before training: replacing was allowed
     return RunResult(trained, history, test_metrics, folder, seconds, parameters, trainer.hit_epoch_cap)
@@ -196,8 +212,8 @@ class Encoded:
     ids: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-def encode_splits(config: Experiment) -> Encoded:
-    """The config's splits, encoded: in-memory tensors, or Parquet streams with
+def encode_splits(config: Experiment, frames: Frames | None = None) -> Encoded:
+    """The config's splits (or `frames`' tables), encoded: in-memory tensors, or Parquet streams with
     `data.streaming` (the encoder then fitted in one pass over the training files). Models
     that share the data (a bench) can share this: training does not change it."""
     data = config.data
@@ -208,7 +224,7 @@ def encode_splits(config: Experiment) -> Encoded:
         train = ParquetStream(data.train, encoder, data.chunk_rows, data.shuffle_buffer)
         valid, test = (ParquetStream(p, encoder, data.chunk_rows) if p else None for p in (data.valid, data.test))
         return Encoded(encoder, train, valid, test)
-    splits = load_splits(config)
+    splits = load_splits(config, frames)
     with naming_the_split("train", config):
         encoder = Encoder(config.schema).fit(splits.train)
         train = encoder.transform(splits.train)
@@ -231,6 +247,8 @@ def naming_the_split(split: str, config: Experiment) -> Iterator[None]:
         halved_test = split in ("valid", "test") and data.valid_from_test
         if data.source == "synthetic":
             source = "synthetic data"
+        elif data.source == "dataframes":
+            source = "from the DataFrames given to fit; rows counted within the split"
         elif given and not shuffled_train and not halved_test:
             source = str(given)
         elif given:
@@ -238,3 +256,74 @@ def naming_the_split(split: str, config: Experiment) -> Iterator[None]:
         else:
             source = f"cut from {data.test if halved_test else data.train}; rows counted within the split"
         raise DataError(f"{split} split ({source}): {err}") from None
+
+
+def fit(config: str | Path | dict | Experiment, train=None, valid=None, test=None, *,
+        overrides: Sequence[str] = (), folder: str | Path | None = None, overwrite: bool = False,
+        resume: bool = False, callbacks: Sequence[TrainingCallback] = ()) -> TrainedModel:
+    """Train the config's model and return it, trained: `predict`, `evaluate`, `save`, and its
+    epoch log (`history`) and test metrics (`test_metrics`).
+
+    `config`: a YAML path, a dict, or an `Experiment`; `overrides` as `mtlrec train --set`.
+    With `train` (a pandas DataFrame, or a table with `to_pandas()` such as a pyarrow Table)
+    the data are these tables (`data.source: dataframes`, set for you): a missing `valid` or
+    `test` is cut from `train` by `data.split`, as from a file. Without tables the config's own
+    data (synthetic or files) is read. Nothing is written unless `folder` is given (then as
+    `mtlrec train --out`: whole or not at all, replaced only with `overwrite`; `resume`
+    continues an interrupted run there). `mtlrec train` and `mtlrec bench` run the same
+    training (`run_experiment`).
+
+    Example:
+        >>> import mtlrec, numpy as np, pandas as pd
+        >>> rng = np.random.default_rng(0)
+        >>> table = pd.DataFrame({"age": rng.normal(size=400), "item": rng.choice(["a", "b", "c"], 400)})
+        >>> table["click"] = (table.age + (table.item == "a") > 0.5).astype(int)
+        >>> table["watch"] = table.age * 2 + rng.normal(size=400)
+        >>> config = {"features": {"dense": ["age"], "sparse": ["item"]},
+        ...           "tasks": ["click", {"name": "watch", "type": "regression"}],
+        ...           "model": {"name": "mmoe", "num_experts": 2}, "train": {"epochs": 2, "progress": False}}
+        >>> model = mtlrec.fit(config, train=table)
+        >>> model.predict(table.head(2)).columns.tolist(), len(model.history), sorted(model.test_metrics)[:2]
+        (['click', 'watch'], 2, ['auc/click', 'ece/click'])
+    """
+    frames = None
+    if train is not None:
+        frames = Frames(*(_pandas(table, name) for table, name in ((train, "train"), (valid, "valid"), (test, "test"))))
+    elif valid is not None or test is not None:
+        raise ValueError("fit: valid / test tables were given without a train table")
+    experiment = _with_source(config, overrides, frames is not None)
+    encoded = encode_splits(experiment, frames)
+    return run_experiment(experiment, folder, encoded=encoded, resume=resume, overwrite=overwrite,
+                          callbacks=callbacks).trained
+
+
+def _pandas(table, name: str) -> pd.DataFrame | None:
+    if table is None or isinstance(table, pd.DataFrame):
+        return table
+    if hasattr(table, "to_pandas"):
+        return table.to_pandas()
+    raise TypeError(f"fit: {name} must be a pandas DataFrame (or a table with to_pandas()), not {type(table).__name__}")
+
+
+def _with_source(config: str | Path | dict | Experiment, overrides: Sequence[str], tables: bool) -> Experiment:
+    """The experiment to run: read and overridden; with tables, its data source 'dataframes'."""
+    from mtlrec.config import apply_overrides, read_raw_config, validate_config
+
+    if isinstance(config, Experiment):  # the source it was given, if any (not the default)
+        raw = config.to_dict()
+        given = config.data.source if "source" in config.data.model_fields_set else None
+    else:
+        raw = read_raw_config(config)
+        given = (raw.get("data") or {}).get("source")
+    raw = apply_overrides(raw, list(overrides))
+    if any(o.partition("=")[0].strip() == "data.source" for o in overrides):
+        given = raw["data"]["source"]
+    if tables and given not in (None, "dataframes"):
+        raise ValueError(f"fit was given tables but the config reads data.source {given!r}: give the data once "
+                         "(remove data.source, or set it to 'dataframes')")
+    if tables:
+        raw["data"] = {**(raw.get("data") or {}), "source": "dataframes"}
+    experiment = validate_config(raw)
+    if not tables and experiment.data.source == "dataframes":
+        raise ValueError("data.source 'dataframes' needs the tables: fit(config, train=..., valid=..., test=...)")
+    return experiment

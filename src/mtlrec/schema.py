@@ -21,6 +21,21 @@ class ConfigBlock(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class NamedBlock(ConfigBlock):
+    """A config block with a `name`, for which a bare string stands for `{name: <string>}`
+    (`dense: [age, price]`, `tasks: [click, like]`).
+
+    Example:
+        >>> DenseFeature.model_validate("age")
+        DenseFeature(name='age')
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
 def typed_options(what: str, options_class: type[BaseModel], values: dict[str, Any], allowed: list[str],
                   fixed: dict[str, Any] | None = None) -> BaseModel:
     """`values` (plus `fixed` ones) validated into `options_class`; a ValueError names `what`
@@ -47,7 +62,7 @@ class Attention(ConfigBlock):
     softmax: bool = False
 
 
-class SparseFeature(ConfigBlock):
+class SparseFeature(NamedBlock):
     """A categorical column, embedded through a learned table.
 
     `vocab_size` counts every id the table holds, the out-of-vocabulary id 0 included; the
@@ -107,13 +122,13 @@ class SparseFeature(ConfigBlock):
         return self.embedding or self.name
 
 
-class DenseFeature(ConfigBlock):
+class DenseFeature(NamedBlock):
     """A numeric column, standardised with the training split's mean and std."""
 
     name: str
 
 
-class Task(ConfigBlock):
+class Task(NamedBlock):
     """One prediction target.
 
     `type` is the task's kind (`mtlrec.tasks`): binary (label 0/1, log loss, AUC), regression

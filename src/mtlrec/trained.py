@@ -24,6 +24,7 @@ from mtlrec.tasks import TaskSet
 from mtlrec.train.evaluation import evaluate_logits
 
 WEIGHTS, CONFIG, ENCODER = "model.safetensors", "config.yaml", "encoder.json"
+HISTORY, METRICS = "epochs.jsonl", "metrics.json"  # what a run adds: its epoch log and test metrics
 
 
 class TrainedModel:
@@ -34,6 +35,8 @@ class TrainedModel:
         self.encoder = encoder
         self.model = model
         self.tasks = TaskSet(encoder.schema)
+        self.history: list[dict[str, float]] = []  # one row per epoch trained (epochs.jsonl); empty if unknown
+        self.test_metrics: dict[str, float] = {}  # on the test split, when the run had one
 
     @property
     def schema(self):
@@ -107,4 +110,8 @@ def load(folder: str | Path, device: str = "cpu") -> TrainedModel:
     except Exception as err:  # safetensors raises several kinds for a damaged or mismatched file
         raise DamagedFolder(f"{folder / WEIGHTS} does not fit the model in {CONFIG}: {err}") from None
     trained.model.to(device)
+    if (folder / HISTORY).is_file():  # a folder written by a run (TrainedModel.save writes the model only)
+        trained.history = [json.loads(line) for line in (folder / HISTORY).read_text().splitlines() if line]
+    if (folder / METRICS).is_file():
+        trained.test_metrics = json.loads((folder / METRICS).read_text()).get("test", {})
     return trained
