@@ -1,11 +1,17 @@
 """Metric functions over a whole split: `metric(labels [N], predictions [N], weights [N] = None) -> float`.
 
-With sample weights every row counts `weights[i]` times: weighted means, and an AUC over
-pairs weighted by the product of their weights.
+The standard metrics are scikit-learn's (`roc_auc_score`, `log_loss`, `mean_squared_error`,
+`mean_absolute_error`, `mean_poisson_deviance`, `mean_tweedie_deviance`), with sample
+weights where given; GAUC and NDCG (`mtlrec.rank`) are built on them. What scikit-learn does
+not have is written here: the expected calibration error, the squared error of logarithms,
+and the multiclass metrics' averaging.
 
-Metrics are computed from all of a split's predictions at once, never averaged per batch.
-Which metrics a task reports, and their direction, is its kind's (`mtlrec.tasks`).
-A binary task whose split holds one class only has an undefined AUC, reported as NaN.
+With sample weights every row counts `weights[i]` times: weighted means, and an AUC over
+pairs weighted by the product of their weights (what scikit-learn's weighted ROC curve
+integrates to). Metrics are computed from all of a split's predictions at once, never
+averaged per batch. Which metrics a task reports, and their direction, is its kind's
+(`mtlrec.tasks`). A binary task whose split holds one class only has an undefined AUC,
+reported as NaN.
 """
 
 from __future__ import annotations
@@ -13,44 +19,33 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from sklearn import metrics as sk
 
 
 def auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); NaN with one class.
-    Weighted: sum over (positive i, negative j) of w_i w_j ([s_i > s_j] + [s_i = s_j] / 2),
-    over the sum of w_i w_j."""
-    labels = labels.astype(bool)
-    if weights is not None:
-        return _weighted_auc(labels, scores, weights)
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(scores.size, dtype=np.float64)
-    # average 1-based rank over each run of equal scores
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], scores.size]
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    """Area under the ROC curve (ties count one half); NaN with one class. Weighted: sum over
+    (positive i, negative j) of w_i w_j ([s_i > s_j] + [s_i = s_j] / 2), over the sum of w_i w_j.
 
-
-def _weighted_auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> float:
-    w = weights.astype(np.float64)
-    pos_total, neg_total = w[labels].sum(), w[~labels].sum()
-    if pos_total <= 0 or neg_total <= 0:
+    Example:
+        >>> auc(np.array([0, 1, 1, 0]), np.array([0.1, 0.8, 0.4, 0.4]))
+        0.875
+    """
+    labels = np.asarray(labels).astype(bool)
+    if _no_weight(weights):
         return math.nan
-    distinct, group = np.unique(scores, return_inverse=True)
-    neg = np.bincount(group, weights=np.where(labels, 0.0, w), minlength=distinct.size)
-    pos = np.bincount(group, weights=np.where(labels, w, 0.0), minlength=distinct.size)
-    below = np.cumsum(neg) - neg  # negative weight strictly below each distinct score
-    return float((pos * (below + neg / 2)).sum() / (pos_total * neg_total))
+    positive = labels if weights is None else labels & (weights > 0)
+    negative = ~labels if weights is None else ~labels & (weights > 0)
+    if not positive.any() or not negative.any():
+        return math.nan
+    return float(sk.roc_auc_score(labels, scores, sample_weight=weights))
 
 
 def log_loss(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None, eps: float = 1e-7) -> float:
+    """Mean -[y log p + (1 - y) log(1 - p)], p clipped to [eps, 1 - eps]."""
     p = np.clip(probs.astype(np.float64), eps, 1 - eps)
-    return _mean(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)), weights)
+    if _no_weight(weights):
+        return math.nan
+    return float(sk.log_loss(labels, p, sample_weight=weights, labels=[0, 1]))
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None,
@@ -73,30 +68,33 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, weights: n
 
 
 def mean_squared_error(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None) -> float:
-    return _mean((predictions - labels) ** 2, weights)
+    if _no_weight(weights):
+        return math.nan
+    return float(sk.mean_squared_error(labels, predictions, sample_weight=weights))
 
 
 def mean_absolute_error(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None) -> float:
-    return _mean(np.abs(predictions - labels), weights)
+    if _no_weight(weights):
+        return math.nan
+    return float(sk.mean_absolute_error(labels, predictions, sample_weight=weights))
 
 
 def poisson_deviance(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None,
                      eps: float = 1e-12) -> float:
-    """Mean Poisson deviance 2 (y log(y / p) - (y - p)), with y log y = 0 at y = 0."""
-    p = np.maximum(predictions, eps)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        y_log = np.where(labels > 0, labels * np.log(labels / p), 0.0)
-    return _mean(2.0 * (y_log - (labels - p)), weights)
+    """Mean Poisson deviance 2 (y log(y / p) - (y - p)), with y log y = 0 at y = 0; predictions
+    below eps count as eps."""
+    if _no_weight(weights):
+        return math.nan
+    return float(sk.mean_poisson_deviance(labels, np.maximum(predictions, eps), sample_weight=weights))
 
 
 def tweedie_deviance(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None,
                      power: float = 1.5, eps: float = 1e-12) -> float:
     """Mean Tweedie unit deviance for 1 < power < 2 (Jorgensen 1987):
     2 (y^(2-p) / ((1-p)(2-p)) - y mu^(1-p) / (1-p) + mu^(2-p) / (2-p)), mu the prediction."""
-    p, mu = power, np.maximum(predictions, eps)
-    terms = (np.power(labels, 2 - p) / ((1 - p) * (2 - p)) - labels * np.power(mu, 1 - p) / (1 - p)
-             + np.power(mu, 2 - p) / (2 - p))
-    return _mean(2.0 * terms, weights)
+    if _no_weight(weights):
+        return math.nan
+    return float(sk.mean_tweedie_deviance(labels, np.maximum(predictions, eps), sample_weight=weights, power=power))
 
 
 def mean_squared_error_of_logs(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None,
@@ -105,8 +103,47 @@ def mean_squared_error_of_logs(labels: np.ndarray, predictions: np.ndarray, weig
     return _mean((np.log(np.maximum(predictions, eps)) - np.log(labels)) ** 2, weights)
 
 
+def _no_weight(weights: np.ndarray | None) -> bool:
+    """Whether sample weights were given and sum to 0 (a weighted mean is then undefined: NaN)."""
+    return weights is not None and not float(np.sum(weights, dtype=np.float64)) > 0
+
+
 def _mean(values: np.ndarray, weights: np.ndarray | None) -> float:
     if weights is None:
         return float(np.mean(values))
     total = float(np.sum(weights, dtype=np.float64))
     return float(np.dot(values, weights) / total) if total > 0 else math.nan
+
+
+# -- metrics of a multiclass task: labels [N] hold class indices 0..C-1, probabilities [N, C] --
+
+def accuracy(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Share of rows whose most probable class (the first, on ties) is the label.
+
+    Example:
+        >>> accuracy(np.array([0, 2, 1]), np.array([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5], [0.5, 0.4, 0.1]]))
+        0.6666666666666666
+    """
+    return _mean((probs.argmax(axis=1) == labels).astype(np.float64), weights)
+
+
+def macro_auc(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """One-vs-rest AUC of each class c (`auc` of [label == c] against P(c)), averaged over the
+    classes whose AUC is defined (present in the rows, and not alone); NaN if none is.
+
+    Example:
+        >>> round(macro_auc(np.array([0, 1, 2, 2]), np.array([[0.8, 0.1, 0.1], [0.2, 0.5, 0.3],
+        ...                                                   [0.1, 0.2, 0.7], [0.3, 0.6, 0.1]])), 6)  # (1 + 2/3 + 5/8) / 3
+        0.763889
+    """
+    per_class = [auc(labels == c, probs[:, c], weights) for c in range(probs.shape[1])]
+    defined = [value for value in per_class if not math.isnan(value)]
+    return float(np.mean(defined)) if defined else math.nan
+
+
+def multiclass_log_loss(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None,
+                        eps: float = 1e-7) -> float:
+    """Mean -log P(label), the probability clipped to [eps, 1]. With two classes it is the
+    binary `log_loss` of P(class 1)."""
+    chosen = np.take_along_axis(probs.astype(np.float64), labels.astype(np.int64)[:, None], axis=1)[:, 0]
+    return _mean(-np.log(np.clip(chosen, eps, 1.0)), weights)
