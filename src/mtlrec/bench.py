@@ -21,7 +21,9 @@ import pandas as pd
 
 from mtlrec.analysis.paired import paired
 from mtlrec.config import Experiment, validate_config
-from mtlrec.experiment import encode_splits, run_experiment
+from mtlrec import gbdt
+from mtlrec.data.tensors import TensorData
+from mtlrec.experiment import Encoded, encode_splits, run_experiment
 from mtlrec.tasks import TaskSet, higher_is_better
 
 BASELINE = "single_task"
@@ -38,6 +40,9 @@ def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: P
     for seed in range(config.seed, config.seed + seeds):
         encoded = encode_splits(config.with_model(config.model.name, seed))  # one split and encoding per seed
         for name in model_names:
+            if name == gbdt.NAME:  # the non-neural reference row, on the same encoded split
+                runs.append(reference_run(config, encoded, seed, log))
+                continue
             cfg = config.with_model(name, seed, progress=False)  # one line per run below, not per epoch
             folder = out_dir / name / f"seed{seed}" if out_dir else None
             result = run_experiment(cfg, folder, encoded=encoded, overwrite=True)  # a bench rewrites its runs
@@ -51,6 +56,23 @@ def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: P
     if out_dir:
         write_outputs(summary, out_dir, config.name)
     return summary
+
+
+def reference_run(config: Experiment, encoded: Encoded, seed: int, log) -> dict:
+    """The LightGBM reference (`mtlrec.gbdt`) on this seed's split, as a bench run row:
+    `parameters` counts its trees' leaves, `epochs` its mean boosting rounds per task."""
+    if not isinstance(encoded.train, TensorData):
+        raise ValueError(f"the {gbdt.NAME} reference trains on in-memory data, not data.streaming")
+    options = gbdt.reference_options(config.models.get(gbdt.NAME, {}))
+    if config.schema.lists:
+        log(f"{gbdt.NAME:>14}: list features {[f.name for f in config.schema.lists]} are not read by the boosters")
+    run = gbdt.fit_lightgbm(TaskSet(encoded.encoder.schema), encoded.train, encoded.valid, encoded.test, options,
+                            seed, config.train.threads)
+    shown = "  ".join(f"{m} {run.metrics[m]:.4f}" for m in TaskSet(config.schema).primary_metrics)
+    capped = " (hit the round cap)" if options.rounds in run.rounds else ""
+    log(f"{gbdt.NAME:>14} seed {seed}: rounds {run.rounds}{capped}, {run.seconds:.1f} s, {shown}")
+    return {"model": gbdt.NAME, "seed": seed, "seconds": run.seconds, "parameters": run.leaves,
+            "epochs": float(np.mean(run.rounds)), "hit_epoch_cap": options.rounds in run.rounds, **run.metrics}
 
 
 def write_outputs(summary: dict, out_dir: Path, title: str) -> list[Path]:

@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mtlrec import models
+from mtlrec import gbdt, models
 from mtlrec.data.formats import DATA_FORMATS
 from mtlrec.data.synthetic import SyntheticConfig, synthetic_schema
 from mtlrec.losses.weighting import WEIGHTINGS, create_weighting, split_spec
@@ -250,7 +250,10 @@ class Experiment(ConfigBlock):
                 self.tasks = tasks
         schema = self.schema  # validates names
         for name, options in self.models.items():
-            models.check_options(name, options)
+            if name == gbdt.NAME:  # the bench's non-neural reference row
+                gbdt.reference_options(options)
+            else:
+                models.check_options(name, options)
         preset = self.models.get(self.model.name, {})
         if set(preset) - set(self.model.options):  # the model trained is the model `models` describes
             self.model = ModelConfig(name=self.model.name, **{**preset, **self.model.options})
