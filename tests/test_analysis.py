@@ -63,6 +63,27 @@ def test_figures_and_report(bench):
     assert "Paired differences" in page and "Paired differences" in (out / "bench.md").read_text()
 
 
+def test_report_renders_in_a_headless_browser_with_every_figure_decoded(bench):
+    """Chromium (Debian's `chromium` package) loads report.html, decodes both inlined figures
+    and, with --screenshot, draws the page; skipped where no Chromium is installed."""
+    import re
+    import shutil
+    import subprocess
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no headless Chromium installed (Debian: apt install chromium)")
+    out, _ = bench
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    page = (out / "report.html").resolve().as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert re.search(r'data-images-loaded="2 of 2"', dom), dom[-500:]
+    shot = out / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,2400", page], capture_output=True,
+                   timeout=120)
+    assert shot.read_bytes()[:8] == PNG and shot.stat().st_size > 20_000  # a drawn page, not a blank one
+
+
 def test_paired_differences_equal_a_recomputation_from_the_runs(bench):
     import math
 

@@ -85,7 +85,7 @@ def write_outputs(summary: dict, out_dir: Path, title: str) -> list[Path]:
     (out_dir / "bench.md").write_text(markdown_table(summary) + "\n")
     pd.DataFrame(summary["rows"]).to_csv(out_dir / "bench.csv", index=False)
     images = [out_dir / "curves.png", out_dir / "pareto.png"]
-    plots.training_curves(out_dir, summary["metrics"], images[0])
+    plots.training_curves(out_dir, summary["metrics"], images[0], [r["model"] for r in summary["rows"]])
     plots.pareto(summary, images[1])
     write_report(summary, images, out_dir / "report.html", f"mtlrec bench: {title}")
     return images

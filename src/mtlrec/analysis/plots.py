@@ -21,15 +21,23 @@ def _save(fig, path: Path) -> list[str]:
     return titles
 
 
-def training_curves(bench_dir: Path, metrics: list[str], path: Path) -> list[str]:
+def model_colour(names: list[str], name: str) -> str:
+    """One colour per model, by its place in the bench's model list: the same in every figure."""
+    return f"C{names.index(name) % 10}"
+
+
+def training_curves(bench_dir: Path, metrics: list[str], path: Path, order: list[str] | None = None) -> list[str]:
     """Validation metric per epoch, a panel per task metric, a line per model and seed (one
-    colour per model), read from each run's epochs.jsonl under `bench_dir/MODEL/seedN/`."""
+    colour per model, by its place in `order`, the bench's model list; default: by name),
+    read from each run's epochs.jsonl under `bench_dir/MODEL/seedN/`."""
     fig = Figure(figsize=(5 * len(metrics), 3.6))
     axes = fig.subplots(1, len(metrics), squeeze=False)
     seeds: set[str] = set()
     models = [p for p in sorted(bench_dir.iterdir()) if p.is_dir() and list(p.glob("seed*/epochs.jsonl"))]
-    for index, model_dir in enumerate(models):
-        colour = f"C{index % 10}"
+    order = order or [p.name for p in models]
+    models.sort(key=lambda p: order.index(p.name) if p.name in order else len(order))
+    for model_dir in models:
+        colour = model_colour(order, model_dir.name) if model_dir.name in order else "k"
         for n, run in enumerate(sorted(model_dir.glob("seed*/epochs.jsonl"))):
             seeds.add(run.parent.name)
             rows = [json.loads(line) for line in run.read_text().splitlines()]
@@ -39,6 +47,7 @@ def training_curves(bench_dir: Path, metrics: list[str], path: Path) -> list[str
     for ax, metric in zip(axes[0], metrics):
         ax.set_title(f"validation {metric} ({len(seeds)} seed(s), a line each)")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -55,8 +64,8 @@ def pareto(summary: dict, path: Path) -> list[str]:
     axes = fig.subplots(1, len(pairs), squeeze=False)
     runs = summary.get("runs", [])
     for ax, (a, b) in zip(axes[0], pairs):
-        for index, row in enumerate(summary["rows"]):
-            colour = f"C{index % 10}"
+        for row in summary["rows"]:
+            colour = model_colour([r["model"] for r in summary["rows"]], row["model"])
             mine = [r for r in runs if r["model"] == row["model"]]
             ax.scatter([r[a] for r in mine], [r[b] for r in mine], s=9, color=colour, alpha=0.5)
             ax.errorbar(row[a], row[b], xerr=row[f"{a} std"], yerr=row[f"{b} std"], fmt="o", capsize=3, color=colour)

@@ -41,6 +41,10 @@ img{{max-width:100%}}</style></head><body>
 {paired}
 {every}
 {figures}
+<script>/* for a browser check: how many figures decoded (mtlrec's tests read it) */
+addEventListener("load", () => {{ const all = [...document.images];
+  document.body.dataset.imagesLoaded = all.filter(i => i.complete && i.naturalWidth > 0).length + " of " + all.length; }});
+</script>
 </body></html>
 """
     path.write_text(page)
