@@ -77,8 +77,14 @@ def plain_output(level, level_name, owner, x_gate, members, own, o, training):
     return y
 
 
+def reads_both(o):
+    """Whether the task gates read [z_c, z_s] (the default with the hierarchy) rather than z_c."""
+    return o["hierarchy"] and o.get("task_gate_input", "group_and_shared") == "group_and_shared"
+
+
 def plain_home(bb, v, groups, counts, o, training=True):
-    """HoME's meta level (z_c, z_s from v) then its task level (h_k from z_c(k), z_s)."""
+    """HoME's meta level (z_c, z_s from v) then its task level: h_k = Sum(G_k([z_c, z_s]) or G_k(z_c),
+    {F_k(z_c), F_c(z_c), F_s(z_s)}) [+ Sum(S_k(same input), {F_k})]."""
     def labels(level, owner, n):
         return [f"{level}/{owner}/{i}" for i in range(n)]
 
@@ -89,7 +95,7 @@ def plain_home(bb, v, groups, counts, o, training=True):
         z = {g: plain_output(bb.meta, "meta", g, v, [(lab, v) for lab in meta_group[g] + meta_shared],
                              meta_group[g], o, training) for g in names}
         every = [lab for g in names for lab in meta_group[g]] + meta_shared
-        if counts["shared_experts"]:  # z_s, the input of the task level's shared experts
+        if counts["shared_experts"] or reads_both(o):  # z_s: read by F_s and (by default) by the task gates
             z["shared"] = plain_output(bb.meta, "meta", "shared", v, [(lab, v) for lab in every], meta_shared, o,
                                        training)
     else:
@@ -100,7 +106,8 @@ def plain_home(bb, v, groups, counts, o, training=True):
         g = names[next(c for c, group in enumerate(groups) if task in group)]
         own = labels("task", task, counts["task_experts"])
         members = [(lab, z[g]) for lab in own + labels("task", g, counts["group_experts"])] + shared
-        reps.append(plain_output(bb.tasks, "task", task, z[g], members, own, o, training))
+        gate_input = torch.cat([z[g], z["shared"]], 1) if reads_both(o) else z[g]
+        reps.append(plain_output(bb.tasks, "task", task, gate_input, members, own, o, training))
     return torch.stack(reps, 1)
 
 
@@ -108,9 +115,9 @@ COUNTS = {"meta_shared_experts": 2, "meta_group_experts": 1, "shared_experts": 1
 
 
 @pytest.mark.parametrize("switches", [
-    {}, {"expert_norm": False}, {"hierarchy": False}, {"feature_gate": False}, {"self_gate": False},
-    dict.fromkeys(TRICKS, False),
-], ids=["all", "no-norm", "no-hierarchy", "no-feature-gate", "no-self-gate", "none"])
+    {}, {"task_gate_input": "group"}, {"expert_norm": False}, {"hierarchy": False}, {"feature_gate": False},
+    {"self_gate": False}, dict.fromkeys(TRICKS, False),
+], ids=["all", "gates-read-z_c", "no-norm", "no-hierarchy", "no-feature-gate", "no-self-gate", "none"])
 @pytest.mark.parametrize("groups, counts, gate_hidden", [
     ([["a"], ["b", "c"]], COUNTS, []),
     ([["c", "a"], ["b"]], COUNTS | {"task_experts": 2, "meta_group_experts": 2}, [4]),  # softmax self-gates
@@ -126,7 +133,10 @@ def test_home_equals_the_paper(switches, groups, counts, gate_hidden):
     torch.testing.assert_close(reps, expected, atol=TOL, rtol=0)
     assert (model.backbone.meta is not None) == o["hierarchy"]
     assert any(name.startswith("task_self/") for name in gates) == o["self_gate"]
-    assert ("meta/shared" in gates) == (o["hierarchy"] and counts["shared_experts"] > 0)
+    assert ("meta/shared" in gates) == (o["hierarchy"] and (counts["shared_experts"] > 0 or reads_both(o)))
+    meta = model.backbone.meta  # a task gate reads z_c, [z_c, z_s] or, without the meta level, v
+    width = meta.out_dim * (2 if reads_both(o) else 1) if meta is not None else x.shape[1]
+    assert all(g.net[0].in_features == width for g in model.backbone.tasks.gates)
 
 
 def test_evaluation_uses_the_running_statistics():
@@ -220,6 +230,8 @@ def test_the_feature_gate_scales_within_0_and_2_and_starts_at_1():
     ({"shared_experts": 0, "group_experts": 0, "task_experts": 0}, "a task has no expert"),
     ({"meta_shared_experts": 0, "meta_group_experts": 0}, "meta level has no expert"),
     ({"feature_gate_rank": 0}, "feature_gate_rank"),
+    ({"task_gate_input": "shared"}, "task_gate_input"),
+    ({"hierarchy": False, "task_gate_input": "group"}, "task_gate_input .* needs hierarchy: true"),
 ])
 def test_bad_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):

@@ -1,41 +1,51 @@
 """HoME, Hierarchy of Multi-Gate Experts (Wang, Cao, Fu, Gai, Zhou; Kuaishou, arXiv 2408.05430, 2024).
 
 HoME is a two-level mixture of experts with three changes to MMoE / PLE, each one an option here
-so that it can be switched off, as in the paper's ablations.
+so that it can be switched off, as in the paper's ablations. Notation: v the input, Sum(g, {E_i})
+= sum_i g_i E_i a gate's mixture, Gate(.) = softmax(MLP_G(.)) (the MMoE gate the paper starts from),
+[a, b] a concatenation. Equation numbers are not given: these forms follow public summaries of
+the paper; where they leave a detail open, the choice made here is listed at the end.
 
-Expert normalisation & Swish (`expert_norm`): every layer of every expert is
-    Linear -> BatchNorm -> Swish,   Swish(z) = z * sigmoid(z),   BN(z) = gamma (z - mu_B) / sqrt(var_B + eps) + beta,
-so that all experts' outputs are on one scale before a gate weighs them (off: Linear -> activation).
+Expert normalisation & Swish (`expert_norm`): the paper's MMoE expert ReLU(MLP_E(v)) becomes
+    E(v) = Swish(BN(MLP_E(v))),   BN(z) = gamma (z - mu_B) / sqrt(var_B + eps) + beta,   Swish(z) = z sigmoid(z),
+a batch norm per expert and unit, so that all experts' outputs are on one scale before a gate
+weighs them, and no expert's output is mostly zeros (off: the experts' layers use `activation`).
 
-Hierarchy mask (`hierarchy`): tasks are split into groups C (the paper's "passive" watch-time and
-"interactive" categories). A meta level reads the input v and holds global shared experts E_s and
-experts E_c per group; each group c, and the shared side, mix what they may see:
-    z_c = Sum(G_c(v), {E_c(v), E_s(v)}),   z_s = Sum(G_s(v), {E_1(v), ..., E_C(v), E_s(v)}),
-where Sum(g, {E_i}) = sum_i g_i E_i and G(.) = softmax(MLP(.)). The task level holds, again, global
-shared experts F_s, experts F_c per group and experts F_k per task; task k of group c reads
-    h_k = Sum(G_k(z_c), {F_k(z_c), F_c(z_c), F_s(z_s)}),
-so a task never sees another group's task-level experts. The towers read h_k. Off: the task level
-reads v everywhere (no meta level).
+Hierarchy mask (`hierarchy`): tasks are split into groups C (the paper's passive watch-time and
+interactive categories). A meta level reads v and holds global shared experts E_s and experts E_c
+per group; each group, and the shared side, mix what they may see:
+    z_c = Sum(Gate_c(v), {E_c(v), E_s(v)}),   z_s = Sum(Gate_s(v), {E_1(v), ..., E_C(v), E_s(v)}).
+The task level holds, again, shared experts F_s, experts F_c per group and experts F_k per task;
+task k of group c reads
+    h_k = Sum(Gate_k([z_c, z_s]), {F_k(z_c), F_c(z_c), F_s(z_s)}),
+so a task never sees another group's task-level experts; the towers read h_k. Off: no meta level,
+and every expert and gate of the task level reads v.
 
-Feature-gate (`feature_gate`): each expert e reads its own private scaling of its input x,
+Feature-gate (`feature_gate`): each expert e reads its own scaling of its input x (v or z):
     x_e = x * 2 sigmoid(x D_e U_e),   D_e: [I, r], U_e: [r, I]   (a LoRA-like low-rank gate in (0, 2)).
 
-Self-gate (`self_gate`): every output above also adds its owner's own experts once more, weighted
-by a second gate over those experts alone (sigmoid over one expert, softmax over several), e.g.
-    h_k = Sum(G_k(z_c), {F_k, F_c, F_s}) + Sum(S_k(z_c), {F_k}),
+Self-gate (`self_gate`): each output also adds its owner's own experts once more, weighted by a
+second gate that reads the same input as the owner's gate: Sigmoid(MLP_G(.)) over one expert,
+softmax over several. For task k,
+    h_k = Sum(Gate_k([z_c, z_s]), {F_k, F_c, F_s}) + Sum(SelfGate_k([z_c, z_s]), {F_k}),
 a residual path from each owner's experts to the next level that no other expert competes for.
 
-Where the paper leaves room, this module chooses: with several expert layers, each layer gets
-BatchNorm -> Swish; the meta level's shared side z_s (which feeds F_s) mixes every meta expert,
-as PLE's shared gate does; self-gates sit on every output of both levels (an owner without
-experts has none); feature-gates on every expert of both levels, U starting at zero.
+Choices made here where the summaries leave room:
+- What a task's gate reads is the least settled point: [z_c, z_s] (default) or z_c alone
+  (`task_gate_input: group`); the experts read z_c (task and group experts) and z_s (shared
+  experts) either way.
+- With several expert layers (`expert_hidden`), every layer is Linear -> BatchNorm -> Swish.
+- z_s mixes every meta expert, as PLE's shared gate does; it is computed whenever the task level
+  reads it (shared experts, or the task gates).
+- Self-gates sit on every output of both levels (an owner without experts has none).
+- A feature-gate per expert on both levels; U starts at zero, so every gate starts at exactly 1.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +72,9 @@ class HoMEOptions(ExpertOptions):
     feature_gate: bool = Field(True, description="each expert reads its input scaled by a low-rank gate")
     feature_gate_rank: PositiveInt = Field(8, description="rank r of each feature-gate")
     self_gate: bool = Field(True, description="each output adds its own experts again through a self-gate")
+    task_gate_input: Literal["group_and_shared", "group"] = Field(
+        "group_and_shared", description="with the hierarchy, what each task's gate and self-gate read: "
+                                        "its group's and the shared meta output concatenated, or its group's alone")
 
     @field_validator("task_groups")
     @classmethod
@@ -82,15 +95,19 @@ class HoMEOptions(ExpertOptions):
             raise ValueError("meta_shared_experts and meta_group_experts are both 0: the meta level has no expert")
         if self.shared_experts + self.group_experts + self.task_experts == 0:
             raise ValueError("shared_experts, group_experts and task_experts are all 0: a task has no expert")
+        if not self.hierarchy and "task_gate_input" in self.model_fields_set:
+            raise ValueError("task_gate_input chooses between meta outputs: it needs hierarchy: true "
+                             "(without it every task gate reads the input)")
         return self
 
 
 class Mixture(NamedTuple):
-    """One output of a level: the gate of `owner` reads input `reads` and mixes the experts of
-    the owners in `mixes`, in that order (with self-gates, the owner's experts once more)."""
+    """One output of a level: the gate of `owner` reads the level's inputs `reads`, concatenated
+    in that order, and mixes the experts of the owners in `mixes`, in that order (with
+    self-gates, the owner's experts once more)."""
 
     owner: str
-    reads: int
+    reads: tuple[int, ...]
     mixes: list[str]
 
 
@@ -136,7 +153,8 @@ class HoMELevel(nn.Module):
     placed into a `[B, outputs, E]` mixing matrix by one product with a constant 0/1 matrix
     (a self-gate adds onto its owner's columns), then one batched product mixes the experts.
 
-    Input: `[N, B, I]` (the level's N inputs). Output: `[B, outputs, H]` and the gate weights by name.
+    Input: `[N, B, I]` (the level's N inputs; a gate reading k of them has k*I inputs).
+    Output: `[B, outputs, H]` and the gate weights by name.
     """
 
     def __init__(self, level: str, in_dim: int, experts: Sequence[tuple[str, int, int]],
@@ -164,7 +182,7 @@ class HoMELevel(nn.Module):
             if o.self_gate and columns.get(m.owner):
                 specs.append((SelfGate, f"{level}_self/{m.owner}", columns[m.owner]))
             for kind, name, cols in specs:
-                gates.append(kind(in_dim, len(cols), o.gate_hidden, o.activation))
+                gates.append(kind(in_dim * len(m.reads), len(cols), o.gate_hidden, o.activation))
                 names.append(name)
                 gate_reads.append(m.reads)
                 places += [out * self.num_experts + e for e in cols]  # where its weights go in the mix
@@ -195,7 +213,8 @@ class HoMELevel(nn.Module):
         else:
             private = inputs.index_select(0, self.expert_reads)  # [E, B, I]
             experts = self.experts(private * self.feature_gates(private))
-        weights = [gate(inputs[r]) for gate, r in zip(self.gates, self.gate_reads)]
+        weights = [gate(torch.cat([inputs[i] for i in reads], dim=-1))  # [B, k*I]: the inputs it reads, side by side
+                   for gate, reads in zip(self.gates, self.gate_reads)]
         mix = torch.cat(weights, dim=1) @ self.placement.to(weights[0].dtype)  # [B, outputs * E]
         mix = mix.view(-1, self.num_outputs, self.num_experts).to(experts.dtype)
         return torch.bmm(mix, experts), dict(zip(self.gate_names, weights))
@@ -228,8 +247,9 @@ class HoME(Backbone):
     Options (`HoMEOptions`): task_groups; expert counts meta_shared_experts, meta_group_experts
     (meta level), shared_experts, group_experts, task_experts (task level); expert_hidden, the
     experts' layer sizes on both levels; gate_hidden (empty: linear gates); the switches
-    expert_norm, hierarchy, feature_gate (rank feature_gate_rank), self_gate. Without
-    expert_norm the experts use activation and batch_norm; dropout follows each expert layer.
+    expert_norm, hierarchy, feature_gate (rank feature_gate_rank), self_gate; task_gate_input
+    (what the task gates read with the hierarchy: [z_c, z_s] or z_c). Without expert_norm the
+    experts use activation and batch_norm; dropout follows each expert layer.
 
     Example:
         >>> import torch
@@ -242,6 +262,9 @@ class HoME(Backbone):
         ['task/like/0', 'task/group1/0', 'task/shared/0']
         >>> home.gate_experts["meta/group1"]
         ['meta/group1/0', 'meta/shared/0']
+        >>> gates = dict(zip(home.tasks.gate_names, home.tasks.gates))
+        >>> gates["task/like"].net[0].in_features  # [z_1, z_s]: two meta outputs of 8
+        16
     """
 
     def __init__(self, in_dim: int, task_names: Sequence[str], options: HoMEOptions):
@@ -255,21 +278,24 @@ class HoME(Backbone):
             raise ValueError(f"task name(s) {clash} clash with HoME's expert names (shared, group0, ...): rename them")
         width = in_dim
         self.meta: HoMELevel | None = None
+        reads_shared = o.hierarchy and o.task_gate_input == "group_and_shared"
         if o.hierarchy:
-            shared_side = [Mixture("shared", 0, [*groups, "shared"])] if o.shared_experts else []  # z_s feeds F_s
+            # z_s: for the task level's shared experts and, by default, for every task gate
+            shared_side = [Mixture("shared", (0,), [*groups, "shared"])] if o.shared_experts or reads_shared else []
             self.meta = HoMELevel("meta", in_dim, [(g, 0, o.meta_group_experts) for g in groups]
                                   + [("shared", 0, o.meta_shared_experts)],
-                                  [Mixture(g, 0, [g, "shared"]) for g in groups] + shared_side, o)
+                                  [Mixture(g, (0,), [g, "shared"]) for g in groups] + shared_side, o)
             width = self.meta.out_dim
         # the task level's inputs: z_0, ..., z_{C-1}, z_s with the hierarchy; x alone without
         group_input = list(range(len(groups))) if o.hierarchy else [0] * len(groups)
         shared_input = len(groups) if o.hierarchy else 0
+        gate_reads = [(group_input[c], shared_input) if reads_shared else (group_input[c],) for c in range(len(groups))]
         self.tasks = HoMELevel(
             "task", width,
             [(t, group_input[c], o.task_experts) for t, c in zip(task_names, self.group_of)]
             + [(g, group_input[c], o.group_experts) for c, g in enumerate(groups)]
             + [("shared", shared_input, o.shared_experts)],
-            [Mixture(t, group_input[c], [t, groups[c], "shared"]) for t, c in zip(task_names, self.group_of)], o)
+            [Mixture(t, gate_reads[c], [t, groups[c], "shared"]) for t, c in zip(task_names, self.group_of)], o)
         self.out_dim = self.tasks.out_dim
         self.gate_experts = {**(self.meta.gate_experts if self.meta is not None else {}), **self.tasks.gate_experts}
 
