@@ -85,7 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="ONNX or TorchScript, from raw feature values to predictions")
     export.add_argument("model", help="model folder")
     export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    export.add_argument("--out", help="output file (default: MODEL/model.onnx or MODEL/model.torchscript.pt)")
+    export.add_argument("--out", help="output file (default: MODEL/model.onnx, MODEL/model.int8.onnx with --int8, "
+                                      "or MODEL/model.torchscript.pt)")
+    export.add_argument("--int8", action="store_true",
+                        help="ONNX with dynamic INT8 weights (ONNX Runtime's quantiser); prints fp32 and int8 sizes")
+    export.add_argument("--int8-embeddings", action="store_true",
+                        help="with --int8: store the embedding tables in 8 bits too")
+    export.add_argument("--check", metavar="DATA",
+                        help="labelled CSV or Parquet file: print the export's largest difference from the trained "
+                             "model and each metric both ways")
 
     serve = commands.add_parser("serve", help="HTTP JSON scoring service")
     serve.add_argument("model", help="model folder")
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, NonFiniteLoss, OSError) as err:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, NonFiniteLoss, OSError, ImportError) as err:
         print(f"mtlrec {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -271,13 +279,27 @@ def ranked_with(config, overrides: list[str]):
 
 def _export(args) -> int:
     from mtlrec.export import export_onnx, export_torchscript
+    from mtlrec.quantize import INT8_FILE, agreement, export_int8
     from mtlrec.trained import load
 
+    onnx_only = [flag for flag, given in (("--int8", args.int8), ("--int8-embeddings", args.int8_embeddings),
+                                          ("--check", args.check)) if given]
+    if args.format == "torchscript" and onnx_only:
+        raise ValueError(f"{', '.join(onnx_only)}: ONNX only; TorchScript exports are not quantised or checked "
+                         "(leave out --format torchscript)")
+    if args.int8_embeddings and not args.int8:
+        raise ValueError("--int8-embeddings quantises the tables of an --int8 export: add --int8")
     trained = load(args.model)
-    default = "model.onnx" if args.format == "onnx" else "model.torchscript.pt"
+    default = INT8_FILE if args.int8 else "model.onnx" if args.format == "onnx" else "model.torchscript.pt"
     out = Path(args.out) if args.out else Path(args.model) / default
-    (export_onnx if args.format == "onnx" else export_torchscript)(trained, out)
-    print(f"wrote {out}")
+    if args.int8:
+        summary = export_int8(trained, out, embeddings=args.int8_embeddings).summary()
+    else:
+        (export_onnx if args.format == "onnx" else export_torchscript)(trained, out)
+        summary = str(out)
+    print(f"wrote {summary}")
+    if args.check:
+        print(agreement(trained, out, read_table(args.check)).describe())
     return 0
 
 
