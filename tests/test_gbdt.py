@@ -83,3 +83,16 @@ def test_bad_reference_options_and_training_it_as_a_model_fail_clearly(tiny_conf
     with pytest.raises(ConfigError, match="lightgbm"):
         load_config(tiny_config | {"model": {"name": "lightgbm"}})
 
+
+
+def test_a_multiclass_task_gets_the_multiclass_objective_and_its_class_probabilities(tiny_config):
+    config = small(tiny_config)
+    encoded = encode_splits(config)
+    for data in (encoded.train, encoded.valid, encoded.test):  # task 2 as 3 classes of its value
+        data.labels[:, 1] = torch.bucketize(data.labels[:, 1], torch.tensor([-0.5, 0.5])).float()
+    raw = config.to_dict()
+    raw["tasks"][1] |= {"type": "multiclass", "options": {"classes": 3}}
+    tasks = TaskSet(load_config(raw).schema)
+    run = gbdt.fit_lightgbm(tasks, encoded.train, encoded.valid, encoded.test, gbdt.LightGBMOptions(rounds=60))
+    constant = constant_baseline(tasks, encoded.train, encoded.test)
+    assert run.metrics["macro_auc/y2"] > 0.7 and run.metrics["logloss/y2"] < constant["logloss/y2"]

@@ -139,7 +139,7 @@ def test_a_new_kind_is_one_registered_class(hinge_kind, tmp_path):
     })
     result = run_experiment(cfg)
     assert result.test_metrics["accuracy/side"] > 0.9
-    with pytest.raises(ConfigError, match=r"unknown task type 'hinge2'; allowed: \['binary', 'regression', 'count', 'focal', 'tweedie', 'lognormal', 'hinge'\]"):
+    with pytest.raises(ConfigError, match=r"unknown task type 'hinge2'; allowed: \['binary', 'regression', 'count', 'focal', 'tweedie', 'lognormal', 'multiclass', 'hinge'\]"):
         load_config({"tasks": [{"name": "y", "type": "hinge2"}], "features": {"dense": [{"name": "a"}]},
                      "data": {"source": "files", "train": "t.csv"}})
 

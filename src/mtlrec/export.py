@@ -1,5 +1,6 @@
 """Export a trained model for serving without mtlrec: ONNX and TorchScript, from raw feature
-values to per-task predictions (probabilities for binary tasks, values for regression).
+values to per-task predictions (probabilities for binary tasks, values for regression, the
+class probabilities of a multiclass task).
 
 Both take each sparse feature as strings (its category as the encoder saw it: "3" for the
 integer 3, "" or any unseen value for out-of-vocabulary) and the dense features raw, as one
@@ -21,10 +22,13 @@ ONNX inputs, N rows:
   `<name>.lengths` int64 `[N]` (elements per row; they sum to V), and, with element weights,
   `<name>.weights` float32 `[V]`;
 - `dense` `[N, D]` float32.
-Output `predictions` `[N, T]`. Inputs are listed in schema order, `dense` last.
+Output `predictions` `[N, L]`: one column per task, in schema order, but C for a
+multiclass task of C classes (its class probabilities, in class order), so the columns are
+`TrainedModel.predict`'s (`TaskSet.output_names`); L = T without multiclass tasks. Inputs
+are listed in schema order, `dense` last.
 TorchScript: `module(sparse: Dict[str, List[str]], dense: Tensor[N, D],
 lists: Optional[Dict[str, List[List[str]]]], weights: Optional[Dict[str, List[List[float]]]])
--> Tensor[N, T]`: single-valued features in `sparse`, each list feature as one list of strings
+-> Tensor[N, L]`: single-valued features in `sparse`, each list feature as one list of strings
 per row in `lists`, the element weights of a weighted list feature under its name in `weights`.
 """
 
@@ -88,7 +92,7 @@ def encoded_features(schema: Schema, ids: Tensor, dense: Tensor, lists: list[Ten
 
 
 class ScoringCore(nn.Module):
-    """Encoded inputs -> predictions `[N, T]`: ids `[N, S]` int64, scaled dense `[N, D]`, and the
+    """Encoded inputs -> predictions `[N, L]` (`TaskSet.predict`): ids `[N, S]` int64, scaled dense `[N, D]`, and the
     list features' codes, lengths and weights (`encoded_features`), from which it builds the
     `Jagged` lists the model reads."""
 
@@ -274,12 +278,12 @@ def encoded_part(model, schema: Schema):
     given = {i.name: i for i in graph.input}
     inputs = [given.get(name) or helper.make_tensor_value_info(
         name, TensorProto.FLOAT if name == "dense_scaled" else TensorProto.INT64, None) for name in boundary]
-    read = _names_read(nodes)
+    read = names_read(nodes)
     part = helper.make_graph(nodes, graph.name, inputs, list(graph.output), [t for t in graph.initializer if t.name in read])
     return helper.make_model(part, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
-def _names_read(nodes) -> set[str]:
+def names_read(nodes) -> set[str]:
     """The tensors the nodes read, their subgraphs' nodes included."""
     from onnx import AttributeProto
 
@@ -288,10 +292,10 @@ def _names_read(nodes) -> set[str]:
         names.update(node.input)
         for attribute in node.attribute:
             if attribute.type == AttributeProto.GRAPH:
-                names |= _names_read(attribute.g.node)
+                names |= names_read(attribute.g.node)
             elif attribute.type == AttributeProto.GRAPHS:
                 for g in attribute.graphs:
-                    names |= _names_read(g.node)
+                    names |= names_read(g.node)
     return names
 
 

@@ -10,7 +10,7 @@ one value per feature (the bench says so when a config has lists).
 Each task kind maps to the LightGBM objective of its loss: binary and focal -> `binary`,
 regression -> `regression` (clipped to `bounds` when the task has them), count ->
 `poisson`, tweedie -> `tweedie` with the task's power, lognormal -> `regression` on log y,
-predicted as exp. The predictions are then scored by the task's own metrics, as a neural
+predicted as exp, multiclass -> `multiclass` (the class probabilities). The predictions are then scored by the task's own metrics, as a neural
 model's are. Needs `pip install lightgbm` (in the `bench` extra).
 
 Example (with `models: {lightgbm: {num_leaves: 63}}` in the config for other options):
@@ -69,6 +69,8 @@ def objective(kind: TaskKind) -> dict[str, object]:
         return {"objective": "poisson"}
     if name == "tweedie":
         return {"objective": "tweedie", "tweedie_variance_power": kind.options.power}
+    if name == "multiclass":
+        return {"objective": "multiclass", "num_class": kind.width}
     raise ValueError(f"the {NAME} reference has no objective for task type {name!r}")
 
 
@@ -91,7 +93,7 @@ def fit_lightgbm(tasks: TaskSet, train: TensorData, valid: TensorData, test: Ten
     scored = test if test is not None else valid
     x_train, x_valid, x_scored = features(train), features(valid), features(scored)
     n_sparse = train.sparse.shape[1]
-    predictions = np.zeros((len(scored), len(tasks)))
+    predictions = np.zeros((len(scored), tasks.num_logits))  # task k's columns: tasks.slices[k]
     leaves, rounds = 0, []
     for k, kind in enumerate(tasks.kinds):
         params = {**objective(kind), "num_leaves": options.num_leaves, "learning_rate": options.learning_rate,
@@ -103,7 +105,7 @@ def fit_lightgbm(tasks: TaskSet, train: TensorData, valid: TensorData, test: Ten
         booster = lightgbm.train(params, sets[0], num_boost_round=options.rounds, valid_sets=[sets[1]],
                                  callbacks=[lightgbm.early_stopping(options.early_stopping_rounds, verbose=False)])
         raw = booster.predict(x_scored, num_iteration=booster.best_iteration)
-        predictions[:, k] = _prediction(kind, raw)
+        predictions[:, tasks.slices[k]] = _prediction(kind, raw).reshape(len(scored), kind.width)
         rounds.append(booster.best_iteration)
         leaves += sum(tree["num_leaves"] for tree in booster.dump_model(num_iteration=booster.best_iteration)["tree_info"])
     weights = scored.weights.cpu().numpy() if tasks.weighted_metrics and scored.weights is not None else None

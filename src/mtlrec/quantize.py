@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mtlrec.export import _names_read, encoded_part, export_onnx, list_input_names
+from mtlrec.export import names_read, encoded_part, export_onnx, list_input_names
 from mtlrec.trained import TrainedModel
 
 INT8_FILE = "model.int8.onnx"  # `mtlrec export MODEL --int8` writes MODEL/model.int8.onnx
@@ -197,7 +197,7 @@ def _keep_in_float(model) -> tuple[int, list[str]]:
         nodes += _products(node.output[0], w, parts, bias, graph.initializer)
     del graph.node[:]
     graph.node.extend(_without_unread(nodes, graph))
-    read = _names_read(graph.node) | {o.name for o in graph.output}
+    read = names_read(graph.node) | {o.name for o in graph.output}
     kept = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -260,7 +260,7 @@ def _tables_read_elsewhere(graph) -> list[str]:
     """The Gather nodes whose table (an initializer) other nodes read too, subgraphs included:
     quantising them would add an 8-bit copy and keep the float table."""
     tables = {t.name for t in graph.initializer}
-    elsewhere = _names_read([n for n in graph.node if n.op_type != "Gather"])
+    elsewhere = names_read([n for n in graph.node if n.op_type != "Gather"])
     return [n.name for n in graph.node if n.op_type == "Gather" and n.input[0] in tables & elsewhere]
 
 
@@ -305,7 +305,7 @@ def _blocks(concat, shapes: dict, rows: int) -> list[tuple[str, np.ndarray]] | N
 
 def _without_unread(nodes: list, graph) -> list:
     """`nodes` less those whose outputs nothing reads (a Concat all of whose readers were split)."""
-    read = _names_read(nodes) | {o.name for o in graph.output}
+    read = names_read(nodes) | {o.name for o in graph.output}
     return [n for n in nodes if n.op_type != "Concat" or any(o in read for o in n.output)]
 
 
@@ -394,7 +394,7 @@ def agreement(trained: TrainedModel, onnx_path: str | Path, table: pd.DataFrame,
     got = np.concatenate(parts)
     labels, mask = data.labels.numpy(), data.mask.numpy()
     weights = data.weights.numpy() if trained.tasks.weighted_metrics and data.weights is not None else None
-    names = trained.schema.task_names
+    names = trained.tasks.output_names  # one per prediction column (a multiclass task has one per class)
     return Agreement(len(table), dict(zip(names, np.abs(got - expected).max(axis=0).tolist())),
                      trained.tasks.metrics(expected, labels, mask, weights),
                      trained.tasks.metrics(got, labels, mask, weights))

@@ -2,16 +2,19 @@
 
 The fused score (PLE paper, Eq. 1):  score = prod_k p_k^{w_k} * f(item),
 with p_k the task predictions (probabilities; a regression task's value, floored at a small
-positive number), w_k the task weights and f a transform of an item feature (e.g. video
-length), all from the config's `rank` block. Computed in log space. A row whose item value
-is missing (null, NaN, an empty cell) gets f(item) = 1: its score is the task product alone.
+positive number; a multiclass task's chosen class probability or expected class value, as
+its options say: `TaskKind.rank_value`), w_k the task weights and f a transform of an item
+feature (e.g. video length), all from the config's `rank` block. Computed in log space. A
+row whose item value is missing (null, NaN, an empty cell) gets f(item) = 1: its score is
+the task product alone.
 
 Offline metrics per group (e.g. per user or request):
 - GAUC of task k: the AUC within each group that has both labels, averaged with the groups'
   row counts as weights (Zhou et al., KDD 2018, "Deep Interest Network", Eq. 5 uses
   impressions as weights);
-- NDCG@k of the fused score, relevance = sum_k r_k y_k over the tasks' labels, averaged over
-  the groups with any relevant row.
+- NDCG@k of the fused score, relevance = sum_k r_k y_k over the tasks' labels (a multiclass
+  label read as its prediction is: [y = the chosen class], or the class value v_y), averaged
+  over the groups with any relevant row.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ def item_factor(values: np.ndarray, transform: str, power: float) -> np.ndarray:
 
 def fused_score_array(predictions: np.ndarray, task_names: list[str], item_values: np.ndarray | None,
                       config: RankConfig, schema: Schema) -> np.ndarray:
-    """prod_k p_k^w_k * f(item) per row. predictions `[N, T]` in `task_names` order; item_values
-    `[N]` float (NaN: missing), needed when the config has `rank.item`."""
+    """prod_k p_k^w_k * f(item) per row. predictions `[N, T]`: p_k of each task in `task_names`
+    order (`TaskSet.rank_values` of the model's predictions); item_values `[N]` float (NaN:
+    missing), needed when the config has `rank.item`."""
     columns = {name: k for k, name in enumerate(task_names)}
     predictions = np.asarray(predictions, dtype=np.float64).reshape(-1, len(task_names))
     log_score = np.zeros(len(predictions))
@@ -74,10 +78,13 @@ def item_values(table: pd.DataFrame, config: RankConfig) -> np.ndarray | None:
 
 
 def fused_score(predictions: pd.DataFrame, table: pd.DataFrame, config: RankConfig, schema: Schema) -> np.ndarray:
-    """prod_k p_k^w_k * f(item) for every row. predictions: one column per task."""
+    """prod_k p_k^w_k * f(item) for every row. predictions: as `TrainedModel.predict` gives them
+    (one column per task, a multiclass task's one per class); only the weighted tasks' are read."""
+    kinds = {t.name: t.kind for t in schema.tasks}
     names = list(rank_weights(config, schema))
-    return fused_score_array(predictions[names].to_numpy(dtype=np.float64), names, item_values(table, config),
-                             config, schema)
+    values = np.stack([kinds[n].rank_value(predictions[kinds[n].output_names(n)].to_numpy(dtype=np.float64))
+                       for n in names], axis=1)
+    return fused_score_array(values, names, item_values(table, config), config, schema)
 
 
 def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
@@ -129,7 +136,7 @@ def rank_table(trained, table: pd.DataFrame, group_by: str, top_k: int
                          f"row {table.index[empty.nonzero()[0][0]]!r}; every row needs a group")
     schema, config = trained.schema, trained.config.rank
     predictions = trained.predict(table)
-    scored = table.assign(**{f"p_{t}": predictions[t].to_numpy() for t in schema.task_names})
+    scored = table.assign(**{f"p_{c}": predictions[c].to_numpy() for c in trained.tasks.output_names})
     scored["score"] = fused_score(predictions, table, config, schema)
     scored["rank"] = scored.groupby(group_by, sort=False)["score"].rank(ascending=False, method="first").astype(int)
     top = scored[scored["rank"] <= top_k].sort_values([group_by, "rank"], kind="stable")
@@ -151,6 +158,8 @@ def rank_table(trained, table: pd.DataFrame, group_by: str, top_k: int
         notes.append(f"ndcg@{top_k} not computed: the relevance sum_k r_k y_k needs the labels of {missing} "
                      "(set rank.relevance to the tasks the table labels)")
     else:
-        relevance = sum(r * np.nan_to_num(labels[t]) for t, r in relevance_weights.items())
+        kinds = {t.name: t.kind for t in schema.tasks}
+        relevance = sum(r * np.nan_to_num(kinds[t].rank_label(labels[t]))  # a multiclass label: as ranked
+                        for t, r in relevance_weights.items())
         metrics[f"ndcg@{top_k}"] = ndcg_at_k(np.asarray(relevance, dtype=float), scored["score"].to_numpy(), groups, top_k)
     return top, metrics, notes

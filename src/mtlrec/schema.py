@@ -2,7 +2,8 @@
 
 A `Schema` is the one place that names the model's inputs and outputs. Tensors index
 features and tasks in schema order: `sparse` ids are `[B, S]` with S = len(schema.sparse),
-`dense` values `[B, D]`, labels and logits `[B, T]` with T = len(schema.tasks).
+`dense` values `[B, D]`, labels `[B, T]` with T = len(schema.tasks); logits `[B, L]`, one
+column per task but C for a multiclass task of C classes (`mtlrec.tasks.TaskSet.slices`).
 """
 
 from __future__ import annotations
@@ -134,8 +135,9 @@ class Task(NamedBlock):
     `type` is the task's kind (`mtlrec.tasks`): binary (label 0/1, log loss, AUC), regression
     (real label, squared error, MSE), count (label >= 0, Poisson loss on a log link), focal
     (label 0/1, focal loss), tweedie (label >= 0, Tweedie loss on a log link), lognormal
-    (label > 0, squared error of log y). `options` are the kind's (e.g. focal's gamma and
-    alpha, tweedie's power), checked against its `Options`.
+    (label > 0, squared error of log y), multiclass (label 0..C-1, softmax cross-entropy over
+    C logits). `options` are the kind's (e.g. focal's gamma and alpha, tweedie's power,
+    multiclass's classes), checked against its `Options`.
     The label is a column (`label`, optionally mapped through `values`) or an `expression`
     over other columns (True/False become 1/0), so a new task setup needs no code. Expressions
     and spaces are conditions in a closed grammar (`mtlrec.expression`), never code.

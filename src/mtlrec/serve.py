@@ -1,6 +1,7 @@
 """An HTTP JSON scoring service for a trained model (FastAPI; run by `mtlrec serve`).
 
-    GET  /health   -> {"status": "ok", "model": ..., "tasks": [...], "features": {...}, "backend": ...}
+    GET  /health   -> {"status": "ok", "model": ..., "tasks": [...], "classes": {...}, "features": {...},
+                       "backend": ...}
     POST /predict  {"rows": [{"user": "u1", "age": 31.0, ...}, ...]}
                    -> {"predictions": [{"click": 0.12, "watch_time": 31.5, "score": 0.04}, ...]}
 
@@ -19,7 +20,10 @@ item factor is left out of that row's score.
 
 Answer. One value per task, as `TrainedModel.predict` gives for the same rows (extra
 outputs such as ESMM's `cvr` follow), and `score`, the fused ranking score of
-`mtlrec.rank`; a value that is not finite is sent as null.
+`mtlrec.rank`; a value that is not finite is sent as null. A multiclass task's value is the
+array of its C class probabilities in class order, `"rating": [0.1, 0.2, 0.4, 0.2, 0.1]`
+(`predict`'s columns `rating:0` .. `rating:4`); /health's `classes` names each multiclass
+task's classes in that order.
 
 Errors. Bad input gets 422 whose `detail` names the row and the feature. A body over
 `max_bytes` gets 413 as soon as the bytes read pass the limit, with or without
@@ -169,10 +173,19 @@ class Scorer:
         self._sparse_of = _tuple_getter(self.sparse)
         self._dense_of = _tuple_getter(self.dense)
         self.tasks = schema.task_names
+        self.task_set = trained.tasks
+        self.classes = {name: [column[len(name) + 1:] for column in trained.tasks.output_names[s]]  # TASK:CLASS
+                        for name, s, width in zip(self.tasks, trained.tasks.slices, trained.tasks.widths) if width > 1}
         trained.model.cpu().eval()
         probe = _probe_inputs(schema)
         extras = list(torch_outputs(trained, schema, *probe)[1])
         self.names = self.tasks + [f"{n}_extra" if n in self.tasks else n for n in extras] + ["score"]
+        # an answer row's values by name, from the row of outputs and score: a multiclass task's
+        # columns as one array (None: every task has one column, the row is the values)
+        width, tasks = self.task_set.num_logits, self.task_set
+        self.picks = None if width == len(self.tasks) else (
+            [s if w > 1 else s.start for s, w in zip(tasks.slices, tasks.widths)]
+            + list(range(width, width + len(extras) + 1)))
         self.session = None
         if backend != "torch":
             why = ("hashed features cannot be exported" if any(f.hash_buckets for f in schema.sparse)
@@ -196,11 +209,14 @@ class Scorer:
         ids, dense, raw_dense, lists = self.encode(rows)
         item = self.item_values(rows, raw_dense) if self.item else None
         outputs = self.outputs(ids, dense, *lists)
-        score = fused_score_array(outputs[:, : len(self.tasks)], self.tasks, item, self.rank, self.schema)
+        predictions = outputs[:, : self.task_set.num_logits].astype(np.float64)
+        score = fused_score_array(self.task_set.rank_values(predictions), self.tasks, item, self.rank, self.schema)
         table = np.column_stack([outputs.astype(np.float64), score])
         values = table.tolist()
         if not np.isfinite(table).all():  # JSON has no NaN or infinity
             values = [[x if math.isfinite(x) else None for x in row] for row in values]
+        if self.picks is not None:
+            values = [[row[pick] for pick in self.picks] for row in values]
         names = self.names
         return pydantic_core.to_json({"predictions": [dict(zip(names, row)) for row in values]})
 
@@ -352,7 +368,8 @@ class Scorer:
     # -- the model ------------------------------------------------------------------------------
 
     def outputs(self, ids: np.ndarray, dense: np.ndarray, *lists: np.ndarray) -> np.ndarray:
-        """`[N, T + E]` predictions: the tasks', then the extra outputs'. lists: `encode`'s."""
+        """`[N, L + E]` predictions: the tasks' (`TaskSet.predict`'s), then the extra outputs'.
+        lists: `encode`'s."""
         if self.session is not None:
             return self.session.run(None, _feed(self.session, ids, dense, dict(zip(self.list_inputs, lists))))[0]
         predictions, extras = torch_outputs(self.trained, self.schema, ids, dense, *lists)
@@ -360,7 +377,7 @@ class Scorer:
 
 
 def torch_outputs(trained: TrainedModel, schema: Schema, ids: np.ndarray, dense: np.ndarray, *lists: np.ndarray):
-    """Encoded rows (lists: `Scorer.encode`'s) -> (task predictions `[N, T]`, extra outputs as
+    """Encoded rows (lists: `Scorer.encode`'s) -> (task predictions `[N, L]`, extra outputs as
     probabilities by name)."""
     with torch.inference_mode():
         features = encoded_features(schema, torch.from_numpy(ids), torch.from_numpy(dense),
@@ -636,6 +653,7 @@ def create_app(model_dir: str | Path, max_rows: int = 10_000, max_bytes: int = 8
     @api.get("/health")
     def health() -> dict:
         return {"status": "ok", "model": trained.config.model.name, "tasks": trained.schema.task_names,
+                "classes": scorer.classes,
                 "features": {"sparse": scorer.sparse, "lists": [f.name for f in scorer.lists], "dense": scorer.dense},
                 "backend": scorer.backend}
 

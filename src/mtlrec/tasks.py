@@ -8,14 +8,21 @@ config, encoder, trainer, weighting, bench and ranking read it through `TaskSet`
 may take options (its `Options` class), given per task as `Task.options`; each task then
 holds its own kind instance, and tasks of one kind with different options are scored apart.
 
-| kind       | label        | loss on the logit z                           | prediction | metrics (primary first) |
-|------------|--------------|-----------------------------------------------|------------|-------------------------|
-| binary     | 0 or 1       | log loss of sigmoid(z)                        | sigmoid(z) | auc, logloss            |
-| regression | finite real  | squared error (z - y)^2                       | z          | mse, mae                |
-| count      | finite, >= 0 | Poisson: exp(z) - y z                         | exp(z)     | poisson_deviance, mae   |
-| focal      | 0 or 1       | -alpha_t (1 - p_t)^gamma log p_t, p = sig(z)  | sigmoid(z) | auc, logloss            |
-| tweedie    | finite, >= 0 | -y e^((1-p) z)/(1-p) + e^((2-p) z)/(2-p)      | exp(z)     | tweedie_deviance, mae   |
-| lognormal  | finite, > 0  | (z - log y)^2                                 | exp(z)     | mse_log, mae            |
+A kind's `width` is the number of logits its tower ends in: 1 for every kind but
+multiclass, whose tower gives one logit per class. Model logits and predictions are
+`[B, L]`, L the sum of the tasks' widths, task k's columns the slice `TaskSet.slices[k]`
+(L = T when every task has width 1); labels, masks and losses stay `[B, T]` / `[T]`, a
+multiclass label being its class index.
+
+| kind       | label        | loss on the logit z                           | prediction | metrics (primary first)      |
+|------------|--------------|-----------------------------------------------|------------|------------------------------|
+| binary     | 0 or 1       | log loss of sigmoid(z)                        | sigmoid(z) | auc, logloss                 |
+| regression | finite real  | squared error (z - y)^2                       | z          | mse, mae                     |
+| count      | finite, >= 0 | Poisson: exp(z) - y z                         | exp(z)     | poisson_deviance, mae        |
+| focal      | 0 or 1       | -alpha_t (1 - p_t)^gamma log p_t, p = sig(z)  | sigmoid(z) | auc, logloss                 |
+| tweedie    | finite, >= 0 | -y e^((1-p) z)/(1-p) + e^((2-p) z)/(2-p)      | exp(z)     | tweedie_deviance, mae        |
+| lognormal  | finite, > 0  | (z - log y)^2                                 | exp(z)     | mse_log, mae                 |
+| multiclass | 0..C-1       | -log softmax(z)_y, z the C logits             | softmax(z) | macro_auc, accuracy, logloss |
 
 Example:
     >>> import torch
@@ -35,21 +42,26 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from itertools import accumulate
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator,
+                      model_validator)
 from torch import Tensor, nn
 
 from mtlrec.train.metrics import (
+    accuracy,
     auc,
     expected_calibration_error,
     log_loss,
+    macro_auc,
     mean_absolute_error,
     mean_squared_error,
     mean_squared_error_of_logs,
+    multiclass_log_loss,
     poisson_deviance,
     tweedie_deviance,
 )
@@ -61,7 +73,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Metric:
     """A metric of one task over a split: `compute(labels [N], predictions [N]) -> float`, and
-    `compute(labels, predictions, weights [N])` for weighted metrics (`Schema.weighted_metrics`)."""
+    `compute(labels, predictions, weights [N])` for weighted metrics (`Schema.weighted_metrics`).
+    A kind of width w > 1 gets its predictions as `[N, w]`."""
 
     name: str
     compute: Callable[[np.ndarray, np.ndarray], float]
@@ -86,6 +99,7 @@ class TaskKind:
     metrics: tuple[Metric, ...]  # the first is the primary; a class attribute, or a property reading the options
     label_rule: ClassVar[str]  # what a valid label is, for error messages
     probability: ClassVar[bool] = False  # predictions are probabilities of a 0/1 label
+    width: int = 1  # logits of the task's tower: a class attribute, or a property reading the options
     uncertainty_scale: ClassVar[float] = 1.0  # c_k of uncertainty weighting (Kendall et al. 2018)
     Options: ClassVar[type[KindOptions]] = KindOptions
 
@@ -102,11 +116,12 @@ class TaskKind:
         return f"{type(self).__name__}({self.options})"
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Per-element loss, same shape as `logits`; finite for every real logit and label."""
+        """Per-element loss, same shape as `logits`; finite for every real logit and label.
+        (Width w > 1: logits `[B, w]`, labels `[B]`, loss `[B]`.)"""
         raise NotImplementedError
 
     def link(self, logits: Tensor) -> Tensor:
-        """Logits -> predictions, elementwise."""
+        """Logits -> predictions, elementwise (width w > 1: `[B, w]` -> `[B, w]`)."""
         return logits
 
     def invalid_labels(self, values: np.ndarray) -> np.ndarray:
@@ -123,13 +138,33 @@ class TaskKind:
         (what a model must beat)."""
         return mean
 
+    def output_names(self, task: str) -> list[str]:
+        """The names of the task's prediction columns (`predict`, `prediction_table`): its own
+        name, or one per logit for a kind of width w > 1."""
+        return [task]
+
+    def rank_value(self, predictions: np.ndarray) -> np.ndarray:
+        """What the fused ranking score reads as the task's p_k, from its predictions `[N, width]`: `[N]`."""
+        return predictions[:, 0]
+
+    def rank_label(self, labels: np.ndarray) -> np.ndarray:
+        """The label's counterpart of `rank_value`, for the NDCG relevance: labels `[N]` (NaN:
+        missing, kept) -> `[N]`."""
+        return labels
+
 
 KINDS: dict[str, TaskKind] = {}
 
 
 def register_kind(cls: type[TaskKind]) -> type[TaskKind]:
-    """Class decorator: make a kind available to configs as `type: <cls.name>`."""
-    KINDS[cls.name] = cls()
+    """Class decorator: make a kind available to configs as `type: <cls.name>`. The registry
+    holds it with its default options; a kind with a required option (multiclass's `classes`)
+    is held with its options unset, for its class attributes (name, metrics, Options)."""
+    try:
+        options = cls.Options()
+    except ValidationError:
+        options = cls.Options.model_construct()
+    KINDS[cls.name] = cls(options)
     return cls
 
 
@@ -324,6 +359,134 @@ class LogNormal(LogLink):
         return mean
 
 
+RESERVED_CLASS_NAMES = ("label", "in_space")  # `prediction_table` suffixes beside a task's prediction columns
+
+
+@register_kind
+class Multiclass(TaskKind):
+    """One of C classes (a rating 0..4, the action taken): labels are class indices 0..C-1
+    (a float column holding whole numbers is fine; map text with the task's `values`). The
+    task's tower ends in C logits z; the loss is the cross-entropy of their softmax,
+    -log softmax(z)_y, and the prediction is the C probabilities softmax(z). The constant
+    baseline's logits are the log class frequencies of the training labels (its prediction:
+    the frequencies). Uncertainty weighting takes c = 1 (a categorical likelihood, as binary's).
+
+    Metrics: `macro_auc` (primary), the one-vs-rest AUC of each class averaged over the
+    classes present; `accuracy`, the share of rows whose most probable class is the label;
+    `logloss`, the mean -log P(label). Macro AUC leads, as AUC does for binary tasks: it
+    measures how well each class's probability orders the rows (what ranking by a class
+    reads), it does not reward predicting the majority class (a constant predictor scores 0.5
+    on any class mix, while its accuracy is the majority's share), and it moves smoothly
+    with the model, where accuracy changes only when an argmax flips.
+
+    Ranking: the fused score reads as the task's p_k the probability of one class
+    (`rank_class`), or by default the expected class value sum_c P(c) v_c, v_c from
+    `class_values` (default: the class index c). The NDCG relevance reads the label the same
+    way: [y = rank_class], or v_y.
+
+    Example:
+        >>> kind = Multiclass(Multiclass.Options(classes=3, class_values=[1.0, 2.0, 5.0]))
+        >>> kind.width, kind.output_names("rating")
+        (3, ['rating:0', 'rating:1', 'rating:2'])
+        >>> p = kind.link(torch.tensor([[0.0, 0.0, 0.0]]))
+        >>> p
+        tensor([[0.3333, 0.3333, 0.3333]])
+        >>> kind.rank_value(p.double().numpy()).round(6)  # (1 + 2 + 5) / 3
+        array([2.666667])
+        >>> kind.loss(torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([2.0]))  # log 3
+        tensor([1.0986])
+    """
+
+    name = "multiclass"
+    metrics = (Metric("macro_auc", macro_auc, True), Metric("accuracy", accuracy, True),
+               Metric("logloss", multiclass_log_loss, False))
+
+    class Options(KindOptions):
+        classes: int = Field(ge=2, description="C, the number of classes; labels are 0..C-1")
+        names: list[str] | None = Field(
+            None, description="a name per class, for the prediction columns (TASK:NAME); default: 0..C-1")
+        rank_class: StrictInt | StrictStr | None = Field(
+            None, description="the class (index or name) whose probability the fused ranking score reads; "
+                              "none: the expected class value")
+        class_values: list[float] | None = Field(
+            None, description="v_c per class for the expected value sum_c P(c) v_c the fused score reads; "
+                              "default: the class index")
+
+        @model_validator(mode="after")
+        def _check(self) -> Multiclass.Options:
+            c = self.classes
+            if self.names is not None:
+                if len(self.names) != c:
+                    raise ValueError(f"names gives {len(self.names)} names for {c} classes")
+                bad = sorted({n for n in self.names if self.names.count(n) > 1 or not n or n in RESERVED_CLASS_NAMES})
+                if bad:
+                    raise ValueError(f"names must be distinct, non-empty and not {list(RESERVED_CLASS_NAMES)}; "
+                                     f"got {bad}")
+            if self.class_values is not None:
+                if len(self.class_values) != c or not all(math.isfinite(v) for v in self.class_values):
+                    raise ValueError(f"class_values needs {c} finite values, one per class")
+                if self.rank_class is not None:
+                    raise ValueError("class_values are read for the expected value, rank_class picks one class "
+                                     "instead: give one of them")
+            if isinstance(self.rank_class, str) and self.rank_class not in (self.names or []):
+                raise ValueError(f"rank_class {self.rank_class!r} is not a class name; names: {self.names} "
+                                 "(a class index is a number)")
+            if isinstance(self.rank_class, int) and not 0 <= self.rank_class < c:
+                raise ValueError(f"rank_class {self.rank_class} is not a class index 0..{c - 1}")
+            return self
+
+    @property
+    def width(self) -> int:  # type: ignore[override]
+        return self.options.classes
+
+    @property
+    def label_rule(self) -> str:  # type: ignore[override]
+        return f"a class index, a whole number in 0..{self.options.classes - 1}"
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.options.names or [str(c) for c in range(self.options.classes)]
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits, labels.long(), reduction="none")
+
+    def link(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits, dim=-1)
+
+    def invalid_labels(self, values: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return ~np.isfinite(values) | (values != np.round(values)) | (values < 0) | (values >= self.options.classes)
+
+    def baseline_values(self, labels: Tensor) -> Tensor:
+        """Labels `[n]` -> one-hot `[n, C]`: their mean is the class frequencies."""
+        return F.one_hot(labels.long(), self.options.classes).to(torch.float32)
+
+    def baseline_logit(self, mean: Tensor) -> Tensor:
+        return torch.log(mean.clamp(min=1e-6))
+
+    def output_names(self, task: str) -> list[str]:
+        return [f"{task}:{name}" for name in self.class_names]
+
+    def _class_index(self) -> int | None:
+        chosen = self.options.rank_class
+        return self.class_names.index(chosen) if isinstance(chosen, str) else chosen
+
+    def _class_values(self) -> np.ndarray:
+        values = self.options.class_values
+        return np.arange(self.options.classes, dtype=np.float64) if values is None else np.array(values)
+
+    def rank_value(self, predictions: np.ndarray) -> np.ndarray:
+        chosen = self._class_index()
+        return predictions[:, chosen] if chosen is not None else predictions @ self._class_values()
+
+    def rank_label(self, labels: np.ndarray) -> np.ndarray:
+        missing = np.isnan(labels)
+        index = np.where(missing, 0, labels).astype(np.int64)
+        chosen = self._class_index()
+        value = (index == chosen).astype(np.float64) if chosen is not None else self._class_values()[index]
+        return np.where(missing, np.nan, value)
+
+
 def higher_is_better(metric: str) -> bool:
     """Direction of a metric named like `auc/click` or `loss`."""
     kind = metric.split("/", 1)[0]
@@ -351,10 +514,16 @@ def product_logit(logit_a: Tensor, logit_b: Tensor) -> Tensor:
 class TaskSet(nn.Module):
     """The schema's tasks, built once: their kinds, config weights, losses, predictions and metrics.
 
-    Tensors index tasks in schema order (`[B, T]`). Holds no parameters; its buffers
-    (weights `[T]`, one column mask `[T]` per kind present, tasks of one kind with different
-    options counting as different kinds) follow `.to(device)`, and are moved to the inputs'
-    device where they are not there yet.
+    Labels, masks and per-row losses index tasks in schema order (`[B, T]`); logits and
+    predictions are `[B, L]`, task k's columns `slices[k]` (one column for every kind but
+    multiclass; L = T when every task has one). Holds no parameters; its buffers (weights
+    `[T]`, one column mask per kind present among the one-column tasks, tasks of one kind
+    with different options counting as different kinds) follow `.to(device)`, and are moved
+    to the inputs' device where they are not there yet.
+
+    The one-column ("narrow") tasks are scored together, kind by kind, on their columns; each
+    task of several columns ("wide": multiclass) on its own slice. With no wide task the
+    narrow columns are all the columns, and nothing is gathered or reassembled.
     """
 
     def __init__(self, schema: Schema):
@@ -367,15 +536,28 @@ class TaskSet(nn.Module):
                              persistent=False)
         self.register_buffer("uncertainty_scales", torch.tensor([k.uncertainty_scale for k in self.kinds]),
                              persistent=False)
-        # each kind present (equal kinds: one class, equal options), with the columns of that kind
-        self.present = list(dict.fromkeys(self.kinds))
+        # the logit columns of each task: task k's are slices[k], L of them in all
+        self.widths = [k.width for k in self.kinds]
+        ends = list(accumulate(self.widths))
+        self.slices = [slice(end - width, end) for end, width in zip(ends, self.widths)]
+        self.num_logits = ends[-1]
+        self.output_names = [n for name, kind in zip(self.names, self.kinds) for n in kind.output_names(name)]
+        self.narrow = [k for k, width in enumerate(self.widths) if width == 1]
+        self.wide = [k for k, width in enumerate(self.widths) if width > 1]
+        self.register_buffer("narrow_tasks", torch.tensor(self.narrow, dtype=torch.long), persistent=False)
+        self.register_buffer("narrow_logits", torch.tensor([self.slices[k].start for k in self.narrow],
+                                                           dtype=torch.long), persistent=False)
+        # each kind present among the narrow tasks (equal kinds: one class, equal options), with
+        # the narrow columns of that kind
+        narrow_kinds = [self.kinds[k] for k in self.narrow]
+        self.present = list(dict.fromkeys(narrow_kinds))
         for i, kind in enumerate(self.present):
-            self.register_buffer(f"columns_{i}", torch.tensor([k == kind for k in self.kinds]), persistent=False)
-        # nested events (`Task.within`): (task, its parent), parents first
+            self.register_buffer(f"columns_{i}", torch.tensor([k == kind for k in narrow_kinds]), persistent=False)
+        # nested events (`Task.within`): (task, its parent), parents first; both narrow (probabilities)
         self.nested = [(self.names.index(t.name), self.names.index(t.within)) for t in schema.nested_order()]
 
     def constrain(self, logits: Tensor) -> Tensor:
-        """Logits `[B, T]` with each nested task's replaced by the logit of
+        """Logits `[B, L]` with each nested task's replaced by the logit of
         sigmoid(parent's) * sigmoid(its own): P(task) = P(parent) * P(task | parent) <= P(parent),
         whatever the model outputs (the product parameterisation of ESMM). The identity when no
         task is `within` another."""
@@ -383,6 +565,7 @@ class TaskSet(nn.Module):
             return logits
         columns = list(logits.unbind(-1))
         for child, parent in self.nested:
+            child, parent = self.slices[child].start, self.slices[parent].start
             columns[child] = product_logit(columns[parent], columns[child])
         return torch.stack(columns, dim=-1)
 
@@ -392,11 +575,12 @@ class TaskSet(nn.Module):
     def _columns(self) -> list[tuple[TaskKind, Tensor]]:
         return [(kind, getattr(self, f"columns_{i}")) for i, kind in enumerate(self.present)]
 
-    def _by_kind(self, values: Tensor, fn: Callable[[TaskKind, Tensor], Tensor]) -> Tensor:
-        """`fn(kind, values)` in the columns of each kind, `[..., T]`. A kind sees 0 in the
-        other kinds' columns, so its function stays finite (and its gradient zero) there."""
-        if len(self.present) == 1:
-            return fn(self.present[0], values)
+    def _by_kind(self, values: Tensor, fn: Callable[[TaskKind, Tensor], Tensor]) -> Tensor | None:
+        """`fn(kind, values)` in the columns of each kind, `[..., T_narrow]` (None without narrow
+        tasks). A kind sees 0 in the other kinds' columns, so its function stays finite (and its
+        gradient zero) there."""
+        if len(self.present) <= 1:
+            return fn(self.present[0], values) if self.present else None
         out = None
         for kind, mine in self._columns():
             mine = mine.to(values.device)
@@ -404,17 +588,43 @@ class TaskSet(nn.Module):
             out = part if out is None else torch.where(mine, part, out)
         return out
 
+    def _narrow_tasks(self, values: Tensor) -> Tensor:
+        """`[..., T]` -> the narrow tasks' columns `[..., T_narrow]` (itself without wide tasks)."""
+        return values.index_select(-1, self.narrow_tasks.to(values.device)) if self.wide else values
+
+    def _narrow_logits(self, logits: Tensor) -> Tensor:
+        """`[..., L]` -> the narrow tasks' logit columns `[..., T_narrow]` (itself without wide tasks)."""
+        return logits.index_select(-1, self.narrow_logits.to(logits.device)) if self.wide else logits
+
+    def _per_task(self, narrow: Tensor | None, wide: list[Tensor]) -> Tensor:
+        """The narrow tasks' values `[..., T_narrow]` and each wide task's `[...]` -> `[..., T]`."""
+        if not self.wide:
+            return narrow
+        columns = dict(zip(self.narrow, narrow.unbind(-1))) if narrow is not None else {}
+        columns |= dict(zip(self.wide, wide))
+        return torch.stack([columns[k] for k in range(len(self))], dim=-1)
+
+    def _per_logit(self, narrow: Tensor | None, wide: list[Tensor]) -> Tensor:
+        """The narrow tasks' values `[..., T_narrow]` and each wide task's `[..., width]` -> `[..., L]`."""
+        if not self.wide:
+            return narrow
+        pieces = {k: narrow[..., i : i + 1] for i, k in enumerate(self.narrow)} | dict(zip(self.wide, wide))
+        return torch.cat([pieces[k] for k in range(len(self))], dim=-1)
+
     def losses(self, logits: Tensor, labels: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
         """Each task's loss over its own sample space (PLE paper, Eq. 9), `[T]`.
 
-        L_k = sum_i m_ik l_k(logit_ik, y_ik) / sum_i m_ik, l_k the loss of task k's kind. With
+        L_k = sum_i m_ik l_k(logits_ik, y_ik) / sum_i m_ik, l_k the loss of task k's kind. With
         sample weights w `[B, T]`, the weighted mean sum_i w_ik m_ik l_ik / sum_i w_ik m_ik.
         A task with no labelled row (or only weight 0) in the batch has loss 0 (no gradient).
-        logits, labels `[B, T]` float; mask `[B, T]` bool.
+        logits `[B, L]`, labels `[B, T]` float (a multiclass label: its class index); mask `[B, T]` bool.
         """
         labels = labels.masked_fill(~mask, 0.0)
         logits = self.constrain(logits)
-        per_row = self._by_kind(logits, lambda kind, z: kind.loss(z, labels)) * mask
+        narrow_labels = self._narrow_tasks(labels)
+        narrow = self._by_kind(self._narrow_logits(logits), lambda kind, z: kind.loss(z, narrow_labels))
+        wide = [self.kinds[k].loss(logits[..., self.slices[k]], labels[..., k]) for k in self.wide]
+        per_row = self._per_task(narrow, wide) * mask
         if weights is None:
             return per_row.sum(0) / mask.sum(0).clamp(min=1)
         weights = weights * mask
@@ -422,33 +632,55 @@ class TaskSet(nn.Module):
         return torch.where(total > 0, (per_row * weights).sum(0) / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
 
     def predict(self, logits: Tensor) -> Tensor:
-        """`[B, T]` logits -> what each task reports: a probability (binary), a value, a rate."""
-        return self._by_kind(self.constrain(logits), lambda kind, z: kind.link(z))
+        """`[B, L]` logits -> what each task reports, `[B, L]`: a probability (binary), a value,
+        a rate, a multiclass task's class probabilities in its columns."""
+        logits = self.constrain(logits)
+        narrow = self._by_kind(self._narrow_logits(logits), lambda kind, z: kind.link(z))
+        return self._per_logit(narrow, [self.kinds[k].link(logits[..., self.slices[k]]) for k in self.wide])
 
     def baseline_logits(self, labels: Tensor, mask: Tensor) -> Tensor:
-        """`[T]` logits of each task's constant predictor, from the training labels and mask
+        """`[L]` logits of each task's constant predictor, from the training labels and mask
         `[N, T]`: the logit of the mean of its kind's `baseline_values` over the task's space."""
-        values = torch.where(mask, self._by_kind(labels, lambda kind, y: kind.baseline_values(y)), 0.0)
-        mean = values.sum(0) / mask.sum(0).clamp(min=1)
-        logits = self._by_kind(mean, lambda kind, m: kind.baseline_logit(m))
+        wide = []
+        for k in self.wide:
+            kind, rows = self.kinds[k], mask[:, k]
+            frequencies = kind.baseline_values(labels[rows, k]).sum(0) / rows.sum().clamp(min=1)
+            wide.append(kind.baseline_logit(frequencies))
+        narrow = mean = None
+        if self.narrow:
+            labels, mask = self._narrow_tasks(labels), self._narrow_tasks(mask)
+            values = torch.where(mask, self._by_kind(labels, lambda kind, y: kind.baseline_values(y)), 0.0)
+            mean = values.sum(0) / mask.sum(0).clamp(min=1)
+            narrow = self._by_kind(mean, lambda kind, m: kind.baseline_logit(m))
+        logits = self._per_logit(narrow, wide)
         for child, parent in self.nested:  # the constant of P(task | parent): predicted through `constrain`
-            ratio = (mean[child] / mean[parent].clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6)
-            logits[child] = torch.log(ratio / (1 - ratio))
+            c, p = self.narrow.index(child), self.narrow.index(parent)
+            ratio = (mean[c] / mean[p].clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6)
+            logits[self.slices[child].start] = torch.log(ratio / (1 - ratio))
         return logits
 
     def metrics(self, predictions: np.ndarray, labels: np.ndarray, mask: np.ndarray,
                 weights: np.ndarray | None = None) -> dict[str, float]:
         """`{"auc/click": ..., "logloss/click": ..., "mse/watch": ..., ...}` over the rows in each
-        task's sample space; predictions, labels, mask (and sample weights, for weighted
+        task's sample space; predictions `[N, L]`, labels, mask (and sample weights, for weighted
         metrics) `[N, T]`. NaN for a task without rows."""
         out: dict[str, float] = {}
         for k, (name, kind) in enumerate(zip(self.names, self.kinds)):
             keep = mask[:, k].astype(bool)
-            y, p = labels[keep, k].astype(np.float64), predictions[keep, k].astype(np.float64)
+            columns = self.slices[k] if self.widths[k] > 1 else self.slices[k].start
+            y, p = labels[keep, k].astype(np.float64), predictions[keep, columns].astype(np.float64)
             w = () if weights is None else (weights[keep, k].astype(np.float64),)
             for metric in kind.metrics:
                 out[f"{metric.name}/{name}"] = metric.compute(y, p, *w) if y.size else math.nan
         return out
+
+    def rank_values(self, predictions: np.ndarray) -> np.ndarray:
+        """Predictions `[N, L]` -> what the fused ranking score reads of each task, `[N, T]`:
+        a one-column task's prediction, a multiclass task's chosen class probability or
+        expected class value (`TaskKind.rank_value`)."""
+        if not self.wide:
+            return predictions
+        return np.stack([kind.rank_value(predictions[:, s]) for kind, s in zip(self.kinds, self.slices)], axis=1)
 
     @property
     def primary_metrics(self) -> list[str]:
@@ -468,4 +700,5 @@ class TaskSet(nn.Module):
             f"{m.name}/{name}" for name, kind in zip(self.names, self.kinds) for m in kind.metrics]
 
 
-__all__ = ["KINDS", "KindOptions", "Metric", "TaskKind", "TaskSet", "higher_is_better", "kind_of", "register_kind"]
+__all__ = ["KINDS", "KindOptions", "Metric", "Multiclass", "TaskKind", "TaskSet", "higher_is_better", "kind_of",
+           "register_kind"]

@@ -49,7 +49,8 @@ class TrainedModel:
 
     @torch.no_grad()
     def outputs(self, data: TensorData, batch_size: int = 8192) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits `[N, T]` of encoded rows, and the model's extra logits (name -> `[N]`, e.g. ESMM's `cvr`)."""
+        """Logits `[N, L]` of encoded rows (`TaskSet.slices`), and the model's extra logits
+        (name -> `[N]`, e.g. ESMM's `cvr`)."""
         self.model.eval()
         device = next(self.model.parameters()).device
         logits, extras = [], {}
@@ -61,10 +62,12 @@ class TrainedModel:
         return torch.cat(logits), {name: torch.cat(parts) for name, parts in extras.items()}
 
     def predict(self, table: pd.DataFrame, batch_size: int = 8192) -> pd.DataFrame:
-        """One column per task: probability (binary) or value (regression); rows as in `table`.
-        Extra outputs follow as probabilities (ESMM: `cvr`)."""
+        """One column per task: probability (binary) or value (regression); a multiclass task
+        gives one column per class, `TASK:CLASS` (its probability; CLASS the class index, or
+        its name from the task's `names`), in class order. Rows as in `table`. Extra outputs
+        follow as probabilities (ESMM: `cvr`)."""
         logits, extras = self.outputs(self.encoder.transform(table, labels=False), batch_size)
-        columns = dict(zip(self.schema.task_names, self.tasks.predict(logits).T.numpy()))
+        columns = dict(zip(self.tasks.output_names, self.tasks.predict(logits).T.numpy()))
         columns |= {(f"{n}_extra" if n in columns else n): torch.sigmoid(v).numpy() for n, v in extras.items()}
         return pd.DataFrame(columns, index=table.index)
 

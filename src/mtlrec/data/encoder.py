@@ -13,9 +13,10 @@ passes, chunks merged by Chan et al.'s formula); a missing cell becomes the trai
 Errors name the row by the table's index; for a chunk that names its file
 (`table.attrs["file"]`, as ParquetStream's chunks do) the message starts with the file.
 Sample weights: finite and >= 0; a missing weight is an error naming the row.
-Labels: valid as the task's kind says (binary 0/1, regression finite, ...); a missing label (NaN / empty),
-or a row outside the task's `space` condition, leaves the row out of that task (label mask
-False). Labels outside the space are not read.
+Labels: valid as the task's kind says (binary 0/1, regression finite, multiclass a whole number
+0..C-1, ...; an error names the column, the task where its name differs, and the row); a
+missing label (NaN / empty), or a row outside the task's `space` condition, leaves the row
+out of that task (label mask False). Labels outside the space are not read.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class Encoder:
     def task_labels(self, table: pd.DataFrame) -> dict[str, np.ndarray]:
         """Each task's label per row as training computes it (a column, a `values` map or an
         `expression`; NaN where missing or outside the task's space), for the tasks whose inputs
-        are all in `table`; tasks with an input missing are left out."""
+        are all in `table`; tasks with an input missing are left out. A label the task's kind
+        refuses is a DataError, as in `transform`."""
         out: dict[str, np.ndarray] = {}
         with _naming_file(table):
             for task in self.raw_schema.tasks:
@@ -126,6 +128,7 @@ class Encoder:
                 values = _label_values(table, task)
                 if task.space:
                     values = np.where(_condition(table, task.space, task.name, "space"), values, np.nan)
+                _check_labels(values, ~np.isnan(values), task, table.index)
                 out[task.name] = values
         return out
 
@@ -170,7 +173,7 @@ class Encoder:
                 present = ~np.isnan(values)
                 if task.space:
                     present &= _condition(table, task.space, task.name, "space")
-                _check_labels(values, present, task.column or task.name, task.kind, table.index)
+                _check_labels(values, present, task, table.index)
                 label_values[:, k] = np.where(present, values, 0.0)
                 mask[:, k] = present
             if s.weighted:
@@ -444,8 +447,12 @@ def _condition(table: pd.DataFrame, expression: str, task: str, what: str) -> np
     return values
 
 
-def _check_labels(values: np.ndarray, present: np.ndarray, name: str, kind, index: pd.Index) -> None:
+def _check_labels(values: np.ndarray, present: np.ndarray, task, index: pd.Index) -> None:
+    kind = task.kind
     bad = present & kind.invalid_labels(values)
     if bad.any():
         row = bad.nonzero()[0][0]
-        raise DataError(f"label column {name!r} must be {kind.label_rule}: row {index[row]!r} holds {values[row]:g}")
+        column = task.column or task.name
+        of_task = "" if column == task.name else f" (task {task.name!r})"
+        raise DataError(f"label column {column!r}{of_task} must be {kind.label_rule}: row {index[row]!r} "
+                        f"holds {values[row]:g}")

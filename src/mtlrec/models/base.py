@@ -28,7 +28,7 @@ class BackboneOutput(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
-    logits: Tensor  # [B, T]
+    logits: Tensor  # [B, L]: each task's tower's logits side by side (L = T unless a task has several, `TaskSet`)
     gates: dict[str, Tensor]
     extra_logits: dict[str, Tensor] = {}  # more predictions by name, e.g. ESMM's pCVR: name -> [B]
     penalty: Tensor | None = None  # a model's own loss term, added to the training loss (AITM)
@@ -61,13 +61,15 @@ class Backbone(nn.Module):
 
 
 class MultiTaskModel(nn.Module):
-    """FeatureEmbedding -> backbone -> towers (one MLP per task, ending in one logit).
+    """FeatureEmbedding -> backbone -> towers (one MLP per task, ending in its kind's `width`
+    logits: one, or C for a multiclass task).
 
     Each tower has its own parameters, so a step on one task's loss alone (alternating
     training) can leave every other tower untouched.
 
-    Input: `Features` (ids `[B, S]`, dense `[B, D]`, lists). Output: `ModelOutput` with logits `[B, T]`
-    (`mtlrec.tasks.TaskSet.predict` turns them into what each task reports).
+    Input: `Features` (ids `[B, S]`, dense `[B, D]`, lists). Output: `ModelOutput` with logits `[B, L]`,
+    task k's in the columns `TaskSet.slices[k]` (L = T when every task has one logit;
+    `mtlrec.tasks.TaskSet.predict` turns them into what each task reports).
 
     Example:
         >>> import torch
@@ -86,9 +88,9 @@ class MultiTaskModel(nn.Module):
         self.embedding = FeatureEmbedding(schema)
         self.backbone = backbone(self.embedding.out_dim, schema.task_names, options)
         self.towers = nn.ModuleList(
-            MLP(self.backbone.out_dim, options.tower_hidden, output_dim=1,
+            MLP(self.backbone.out_dim, options.tower_hidden, output_dim=task.kind.width,
                 activation=options.activation, dropout=options.tower_dropout)
-            for _ in schema.tasks
+            for task in schema.tasks
         )
 
     def forward(self, features: Features) -> ModelOutput:
@@ -96,7 +98,7 @@ class MultiTaskModel(nn.Module):
         return ModelOutput(self.tower_logits(reps), gates, penalty=penalty)
 
     def tower_logits(self, reps: Tensor) -> Tensor:
-        """`[B, T, H]` task representations -> `[B, T]` logits, tower k reading reps[:, k]."""
+        """`[B, T, H]` task representations -> `[B, L]` logits, tower k reading reps[:, k]."""
         return torch.cat([tower(reps[:, k]) for k, tower in enumerate(self.towers)], dim=1)
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:

@@ -129,16 +129,17 @@ class DBMTLBottom(Backbone):
 
 class BayesTower(nn.Module):
     """Task k's tower: (u_k `[B, H]`, its parents' relation outputs r_p `[B, R_p]`) ->
-    (r_k `[B, R]`, logit_k `[B, 1]`), with t_k = `task_layers`(u_k),
-    r_k = `relation`([t_k; r_p1; ...]), logit_k = `output`(r_k)."""
+    (r_k `[B, R]`, logit_k `[B, width]`), with t_k = `task_layers`(u_k),
+    r_k = `relation`([t_k; r_p1; ...]), logit_k = `output`(r_k); width is the task kind's
+    (1, or C for a multiclass task)."""
 
-    def __init__(self, in_dim: int, parent_widths: Sequence[int], options: DBMTLOptions):
+    def __init__(self, in_dim: int, parent_widths: Sequence[int], options: DBMTLOptions, width: int = 1):
         super().__init__()
         o = options
         self.task_layers = MLP(in_dim, o.tower_hidden, activation=o.activation, dropout=o.tower_dropout)
         self.relation = MLP(self.task_layers.out_dim + sum(parent_widths), o.relation_hidden,
                             activation=o.activation, dropout=o.tower_dropout)
-        self.output = nn.Linear(self.relation.out_dim, 1)
+        self.output = nn.Linear(self.relation.out_dim, width)
         self.out_dim = self.relation.out_dim
 
     def forward(self, u: Tensor, parents: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -149,7 +150,7 @@ class BayesTower(nn.Module):
 @register_model("dbmtl", DBMTLOptions, "task towers reading their parent tasks' towers in a Bayesian network "
                 "(Wang et al. 2019)", backbone=DBMTLBottom)
 class DBMTL(MultiTaskModel):
-    """Logits `[B, T]` in schema order; the towers run parents first (`order`).
+    """Logits `[B, L]` in schema order (`TaskSet.slices`); the towers run parents first (`order`).
 
     Options (`DBMTLOptions`): dependencies, task -> its parent tasks (unknown names and cycles
     are errors); hidden, the shared bottom MLP; num_experts (0: no MMoE), expert_hidden,
@@ -175,7 +176,8 @@ class DBMTL(MultiTaskModel):
         self.has_children = [any(k in parents for parents in self.parents) for k in range(len(names))]
         towers: list[BayesTower | None] = [None] * len(names)
         for k in self.order:  # parents first: a tower's input width includes its parents' outputs
-            towers[k] = BayesTower(self.backbone.out_dim, [towers[p].out_dim for p in self.parents[k]], options)
+            towers[k] = BayesTower(self.backbone.out_dim, [towers[p].out_dim for p in self.parents[k]], options,
+                                   schema.tasks[k].kind.width)
         self.towers = nn.ModuleList(towers)  # in place of the plain towers MultiTaskModel builds
 
     def forward(self, features: Features) -> ModelOutput:

@@ -87,7 +87,7 @@ class PPNet(nn.Module):
 
 def personalized_tower(tower: MLP, h: Tensor, scales: list[Tensor]) -> Tensor:
     """The tower over `h` `[B, H]`, the input of its l-th Linear layer multiplied by
-    `scales[l]` first (O_pp^(l) = delta^(l) (x) H^(l)). Returns `[B, 1]`."""
+    `scales[l]` first (O_pp^(l) = delta^(l) (x) H^(l)). Returns `[B, width]`, the tower's logits."""
     layer = 0
     for module in tower:
         if isinstance(module, nn.Linear):
@@ -136,7 +136,7 @@ def columns_of(embedding: FeatureEmbedding, names: list[str], option: str) -> Te
 class PEPNet(MultiTaskModel):
     """E = embedding(features) `[B, I]` -> O_ep = EPNet(E) (E itself without domain features)
     -> the shared layers `hidden` (none by default, as in the paper) -> one tower per task,
-    every Linear layer of tower k reading its input scaled by PPNet's part k. Logits `[B, T]`.
+    every Linear layer of tower k reading its input scaled by PPNet's part k. Logits `[B, L]`.
     `gates` is empty: the Gate NUs scale units, they do not mix experts. PPNet's gates serve
     every task (one gate per layer, split), so they are shared parameters, as EPNet is; task k
     owns its tower.

@@ -13,7 +13,7 @@ from mtlrec.tasks import TaskSet
 
 
 def evaluate_logits(tasks: TaskSet, logits: Tensor, data: TensorData) -> dict[str, float]:
-    """The config-weighted loss, each task's loss and its metrics, from a split's logits `[N, T]`.
+    """The config-weighted loss, each task's loss and its metrics, from a split's logits `[N, L]`.
 
     Example:
         >>> import torch
@@ -34,20 +34,23 @@ def evaluate_logits(tasks: TaskSet, logits: Tensor, data: TensorData) -> dict[st
 
 
 def constant_baseline(tasks: TaskSet, train: TensorData, data: TensorData) -> dict[str, float]:
-    """Metrics of predicting each task's training mean for every row (what a model must beat)."""
+    """Metrics of predicting each task's training mean for every row (what a model must beat;
+    a multiclass task: its training class frequencies)."""
     logits = tasks.baseline_logits(train.labels, train.mask).expand(len(data), -1)
     return evaluate_logits(tasks, logits, data.to("cpu"))
 
 
 def prediction_table(tasks: TaskSet, logits: Tensor, targets: TensorData):
-    """Per task: the prediction, the label and whether the row is in the task's space."""
+    """Per task: the prediction (a multiclass task: a column per class, as `TrainedModel.predict`
+    names them), the label and whether the row is in the task's space."""
     import pandas as pd
 
     predictions = tasks.predict(logits).cpu().numpy()
     labels, mask = targets.labels.cpu().numpy(), targets.mask.cpu().numpy()
     columns = {}
-    for k, name in enumerate(tasks.names):
-        columns |= {name: predictions[:, k], f"{name}:label": labels[:, k], f"{name}:in_space": mask[:, k]}
+    for k, (name, columns_k) in enumerate(zip(tasks.names, tasks.slices)):
+        columns |= dict(zip(tasks.output_names[columns_k], predictions[:, columns_k].T))
+        columns |= {f"{name}:label": labels[:, k], f"{name}:in_space": mask[:, k]}
     return pd.DataFrame(columns)
 
 
