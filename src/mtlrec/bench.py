@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,11 +33,13 @@ REFERENCE = "mmoe"
 
 
 def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: Path | None = None,
-              log=print, reference: str = REFERENCE) -> dict:
+              log=print, reference: str = REFERENCE, tune_trials: int = 0) -> dict:
     """Train every model for seeds config.seed .. config.seed + seeds - 1; returns the summary
-    (paired comparisons against single_task and `reference`, where they are among the models)."""
+    (paired comparisons against single_task and `reference`, where they are among the models).
+    With `tune_trials`, every model is first tuned with that many trials (`tuned_configs`)."""
     if seeds < 1 or not model_names:
         raise ValueError(f"a bench needs at least one seed and one model (got {seeds} seeds, models {model_names})")
+    tuned = tuned_configs(config, model_names, tune_trials, out_dir, log) if tune_trials else {}
     runs = []
     for seed in range(config.seed, config.seed + seeds):
         encoded = encode_splits(config.with_model(config.model.name, seed))  # one split and encoding per seed
@@ -43,7 +47,8 @@ def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: P
             if name == gbdt.NAME:  # the non-neural reference row, on the same encoded split
                 runs.append(reference_run(config, encoded, seed, log))
                 continue
-            cfg = config.with_model(name, seed, progress=False)  # one line per run below, not per epoch
+            own = tuned[name].config if name in tuned else config
+            cfg = own.with_model(name, seed, progress=False)  # one line per run below, not per epoch
             folder = out_dir / name / f"seed{seed}" if out_dir else None
             result = run_experiment(cfg, folder, encoded=encoded, overwrite=True)  # a bench rewrites its runs
             metrics = result.test_metrics or {k.removeprefix("valid/"): v for k, v in result.history[-1].items()}
@@ -53,9 +58,50 @@ def run_bench(config: Experiment, model_names: list[str], seeds: int, out_dir: P
             runs.append({"model": name, "seed": seed, "seconds": result.seconds, "parameters": result.parameters,
                          "epochs": len(result.history), "hit_epoch_cap": result.hit_epoch_cap, **metrics})
     summary = summarize(config, model_names, runs, reference)
+    if tuned:
+        summary["tuned"] = {name: {"trials": t.trials, "metric": t.metric, "value": t.value, "values": t.values}
+                            for name, t in tuned.items()}
     if out_dir:
         write_outputs(summary, out_dir, config.name)
     return summary
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A model's config after its search: the best trial's values written in."""
+
+    config: Experiment
+    trials: int  # finished trials of its study
+    metric: str
+    value: float  # the best trial's validation metric
+    values: dict[str, Any]  # field path -> value
+
+
+def tuned_configs(config: Experiment, model_names: list[str], trials: int, out_dir: Path | None,
+                  log) -> dict[str, Tuned]:
+    """An equal-budget search per model before the seeds run: `trials` finished trials of
+    `config.tune.space` each (its `train.*` keys and the model's own options), judged on the
+    validation split of the first seed (`mtlrec.tune`; the test split is not read). The
+    studies live in OUT/tune/MODEL/tune.db, so a bench run again reuses them."""
+    import tempfile
+
+    from mtlrec.tune import run_search, searched_config
+
+    if config.tune is None:
+        raise ValueError("bench --tune needs a tune section in the config: tune.space names the fields to search")
+    base = config.to_dict()
+    del base["tune"]
+    root = out_dir / "tune" if out_dir else Path(tempfile.mkdtemp(prefix="mtlrec-tune-"))
+    tuned = {}
+    for name in model_names:
+        if name == gbdt.NAME:
+            log(f"{gbdt.NAME:>14}: not tuned (its options: models.{gbdt.NAME})")
+            continue
+        log(f"{name:>14}: tuning, {trials} trials")
+        result = run_search(config, trials, root / name, model=name, log=lambda line: log(f"{'':>14}  {line}"))
+        tuned[name] = Tuned(searched_config(base, result.best_values, name), result.finished, result.metric,
+                            result.best_value, result.best_values)
+    return tuned
 
 
 def reference_run(config: Experiment, encoded: Encoded, seed: int, log) -> dict:
@@ -203,6 +249,12 @@ def markdown_table(summary: dict) -> str:
     extra = [m for m in summary.get("all_metrics", []) if m not in summary["metrics"]]
     if extra:
         parts.append("Every metric (mean ± std):\n\n" + _markdown(*table_cells(summary, summary["all_metrics"])))
+    if summary.get("tuned"):
+        rows = [[name, str(t["trials"]), f"{t['metric']} {t['value']:.4f}",
+                 ", ".join(f"{k} {json.dumps(v)}" for k, v in t["values"].items())]
+                for name, t in summary["tuned"].items()]
+        parts.append("Each model tuned before the seeds ran (trials judged on the first seed's validation split):"
+                     "\n\n" + _markdown(["model", "trials", "best validation", "values"], rows))
     return "\n\n".join(parts)
 
 

@@ -1,4 +1,5 @@
-"""`mtlrec train | evaluate | predict | bench | sweep | analyze | report | rank | export | serve | models | plan`."""
+"""`mtlrec train | evaluate | predict | bench | tune | sweep | analyze | report | rank | export | serve | models |
+plan`."""
 
 from __future__ import annotations
 
@@ -55,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model every other is also compared with seed by seed (default mmoe)")
     bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--out", help="results folder (default: OUTPUT_DIR/NAME)")
+    bench.add_argument("--tune", type=int, default=0, metavar="N",
+                       help="first tune every model with N trials of the config's tune.space (equal budget)")
+
+    tune = commands.add_parser("tune", help="search the config's tune.space with Optuna; write the best config")
+    tune.add_argument("config", help="experiment YAML with a tune section")
+    tune.add_argument("--trials", type=int, default=20,
+                      help="finished trials the study should hold, counting those of earlier runs (default 20)")
+    tune.add_argument("--model", help="a bench model: search its options (models.NAME.X or model.X) and write the "
+                                      "best into models.NAME")
+    tune.add_argument("--timeout", type=float, metavar="SECONDS", help="start no trial after this many seconds")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    tune.add_argument("--out", help="folder of the study (tune.db) and the best config (tune_best.yaml) "
+                                    "(default: OUTPUT_DIR/NAME-tune, or NAME-tune-MODEL)")
+    tune.add_argument("--overwrite", action="store_true", help="delete the study in OUT and start over")
 
     sweep = commands.add_parser("sweep", help="bench on synthetic data at several task correlations")
     sweep.add_argument("config", help="experiment YAML with synthetic data")
@@ -193,9 +208,29 @@ def _bench(args) -> int:
         if name != gbdt.NAME:  # the LightGBM reference row (its options were checked with the config)
             models.check_options(name, config.models.get(name, {}))
     out = Path(args.out) if args.out else Path(config.output_dir) / config.name
-    summary = run_bench(config, names, args.seeds, out, reference=args.reference)
+    summary = run_bench(config, names, args.seeds, out, reference=args.reference, tune_trials=args.tune)
     print(markdown_table(summary))
     print(f"\nresults, models, figures and report.html under {out}/")
+    return 0
+
+
+def _tune(args) -> int:
+    from mtlrec.tune import STUDY_FILE, default_folder, run_search, show_values
+
+    config = load_config(args.config, args.set)
+    out = Path(args.out) if args.out else default_folder(config, args.model)
+    try:
+        result = run_search(config, args.trials, out, model=args.model, timeout=args.timeout,
+                            overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"mtlrec tune: interrupted; the finished trials are in {out / STUDY_FILE}: run the same command to go on",
+              file=sys.stderr)
+        return 130
+    print(f"\nbest of {result.finished} trials: trial {result.best_number}  {result.metric} {result.best_value:.6g}  "
+          f"{show_values(result.best_values)}")
+    print(f"wrote {result.best_config}: mtlrec train trains that trial again"
+          + (f", mtlrec bench builds {args.model} from its models.{args.model}" if args.model else "")
+          + f"; the study: {result.storage}")
     return 0
 
 
@@ -327,7 +362,7 @@ def _print_metrics(metrics: dict) -> None:
 
 
 COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "bench": _bench, "sweep": _sweep,
-            "analyze": _analyze, "report": _report, "rank": _rank, "export": _export,
+            "tune": _tune, "analyze": _analyze, "report": _report, "rank": _rank, "export": _export,
             "serve": _serve, "models": _models, "plan": cli_plan}
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ a wrong or unknown field fails with a `ConfigError` naming the field and what is
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -17,7 +18,7 @@ from mtlrec.data.formats import DATA_FORMATS
 from mtlrec.data.synthetic import SyntheticConfig, synthetic_schema
 from mtlrec.losses.weighting import WEIGHTINGS, create_weighting, split_spec
 from mtlrec.train.sharding import SHARDINGS, TableOptimizer
-from mtlrec.schema import ConfigBlock, DenseFeature, Schema, SparseFeature, Task
+from mtlrec.schema import ConfigBlock, DenseFeature, NamedBlock, Schema, SparseFeature, Task
 from mtlrec.tasks import TaskSet
 from mtlrec.train.optim import OPTIMIZERS
 
@@ -118,12 +119,47 @@ class Alternating(ConfigBlock):
     ratios: list[float] | None = Field(None, description="order: ratio: one relative frequency per task")
 
 
+class Schedule(NamedBlock):
+    """A learning-rate schedule (`mtlrec.train.schedules`): lr x linear warm-up x the decay of
+    `name`; a bare name stands for `{name: ...}` (`schedule: cosine`)."""
+
+    name: Literal["constant", "cosine", "step", "plateau"] = Field(
+        "constant", description="constant: lr (after any warm-up); cosine: down to min_ratio x lr at the run's end; "
+                                "step: x gamma every every_epochs epochs; plateau: x gamma after patience epochs "
+                                "without improvement of train.early_stopping.metric")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up: step t (1-based) of the first N runs at lr x t / N")
+    min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine: the final lr / lr; plateau: the lowest lr / lr")
+    every_epochs: int | None = Field(None, ge=1, description="step: epochs between two cuts")
+    gamma: float = Field(0.1, gt=0.0, lt=1.0, description="step, plateau: each cut multiplies the lr by this")
+    patience: int = Field(2, ge=1, description="plateau: epochs without improvement before a cut")
+    min_delta: float = Field(0.0, ge=0.0, description="plateau: an epoch improves only by more than this")
+
+    @model_validator(mode="after")
+    def _check(self) -> Schedule:
+        reads = {"constant": set(), "cosine": {"min_ratio"}, "step": {"every_epochs", "gamma"},
+                 "plateau": {"gamma", "patience", "min_delta", "min_ratio"}}[self.name]
+        defaults = {name: field.default for name, field in Schedule.model_fields.items()}
+        unused = sorted(f for f in defaults.keys() - reads - {"name", "warmup_steps"} if getattr(self, f) != defaults[f])
+        if unused:
+            raise ValueError(f"{', '.join(unused)} would be ignored: schedule {self.name!r} reads "
+                             f"{', '.join(sorted(reads | {'warmup_steps'}))}")
+        if self.name == "step" and self.every_epochs is None:
+            raise ValueError("schedule 'step' needs every_epochs")
+        return self
+
+    @property
+    def changes_lr(self) -> bool:
+        """Whether the lr ever differs from the base lr."""
+        return self.name != "constant" or self.warmup_steps > 0
+
+
 class OptimizerGroup(ConfigBlock):
     params: str = Field(description="module path ('embedding', 'backbone', 'towers', 'weighting', ...) or 'rest'")
     optimizer: OptimizerName | Literal["rowwise_adagrad"] = Field(
         "adam", description="rowwise_adagrad: the 'embedding' group with fused tables only (fbgemm's kernel)")
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Schedule | None = Field(None, description="this group's lr schedule; null: train.schedule")
 
 
 class TrainConfig(ConfigBlock):
@@ -142,7 +178,9 @@ class TrainConfig(ConfigBlock):
     )
     early_stopping: EarlyStopping = EarlyStopping()
     fused_optimizer: bool = Field(False, description="one fused optimizer kernel for all parameters (torch fused=True)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the forward pass to bfloat16")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="bf16: autocast the forward pass to bfloat16; auto: bf16 where the device computes it "
+                            "natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), else fp32")
     compile: bool = Field(False, description="torch.compile the model (first steps slower while it compiles)")
     checkpoint_every: int | None = Field(
         None, ge=1, description="write a resumable checkpoint every N steps (and at each epoch's end)"
@@ -159,6 +197,17 @@ class TrainConfig(ConfigBlock):
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
     progress: bool = True
+    schedule: Schedule = Field(Schedule(), description="the lr schedule of every optimizer without its own "
+                                                       "(mtlrec.train.schedules); a group's schedule overrides it")
+    clip_grad_norm: float | None = Field(
+        None, gt=0.0, description="clip the gradient of the parameters the torch optimizers update to this L2 norm "
+                                  "(after the average over processes and any gradient method); null: no clipping")
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(
+        [], description="experiment trackers (pip install 'mtlrec[track]'; mtlrec.train.tracking): tensorboard "
+                        "writes FOLDER/tensorboard, mlflow a run in mlflow_uri")
+    tracking_every: int = Field(20, ge=1, description="tensorboard: log the step loss every N steps (a device sync)")
+    mlflow_uri: str | None = Field(None, description="mlflow: the tracking URI; null: a file store, mlruns/ beside "
+                                                     "the run's folder")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -180,6 +229,11 @@ class TrainConfig(ConfigBlock):
                 if "embedding_optimizer" in self.model_fields_set or "embedding_lr" in self.model_fields_set:
                     raise ValueError("the tables' optimizer is set twice: by the 'embedding' group of "
                                      "train.optimizers and by train.embedding_optimizer / embedding_lr; keep one")
+            tables_schedule = group.schedule if group is not None and group.schedule else self.schedule
+            if tables_schedule.changes_lr:
+                raise ValueError(f"with {how} the tables update inside fbgemm's kernel at a constant lr, which no "
+                                 "schedule reaches: give the 'embedding' group of train.optimizers schedule: "
+                                 "constant and schedule the other groups, or use plain tables")
         for g in self.optimizers:
             if g.optimizer == "rowwise_adagrad" and not (self.fused_tables and g.params == "embedding"):
                 raise ValueError(f"train.optimizers: rowwise_adagrad is fbgemm's fused-table optimizer: the "
@@ -187,6 +241,12 @@ class TrainConfig(ConfigBlock):
         if self.alternating.ratios is not None and self.alternating.order != "ratio":
             raise ValueError("train.alternating.ratios is read with order 'ratio' only; set order: ratio or "
                              "remove the ratios")
+        if len(set(self.tracking)) != len(self.tracking):
+            raise ValueError(f"train.tracking names a tracker twice: {self.tracking}")
+        for field, tracker in (("tracking_every", "tensorboard"), ("mlflow_uri", "mlflow")):
+            if getattr(self, field) != TrainConfig.model_fields[field].default and tracker not in self.tracking:
+                raise ValueError(f"train.{field} is read by the {tracker} tracker only: add {tracker} to "
+                                 "train.tracking or remove it")
         return self
 
 
@@ -219,6 +279,144 @@ class RankConfig(ConfigBlock):
     relevance: dict[str, float] = Field({}, description="NDCG relevance = sum_k r_k y_k; empty: the weights")
 
 
+class TuneRange(ConfigBlock):
+    """The values `mtlrec tune` draws for one field: numbers from `low` to `high` (whole numbers
+    when both bounds are written as whole numbers), or one of `choices` (any YAML values, lists
+    included)."""
+
+    low: int | float | None = Field(None, description="the smallest value (with high)")
+    high: int | float | None = Field(None, description="the largest value, included")
+    log: bool = Field(False, description="draw uniformly in log space (needs low > 0): learning rates, decays")
+    step: int | float | None = Field(None, gt=0, description="draw only low, low + step, low + 2 step, ...")
+    choices: list[Any] | None = Field(None, description="draw one of these values (instead of low and high)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneRange:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("give either choices or low and high (with log or step), not both")
+            if not self.choices:
+                raise ValueError("choices is empty: give at least one value")
+            written = [yaml.safe_dump(c, default_flow_style=True) for c in self.choices]
+            if len(set(written)) != len(written):
+                raise ValueError(f"choices repeat a value: {self.choices}")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs low and high (or choices)")
+        if not self.low < self.high:
+            raise ValueError(f"low must be < high (got low {self.low}, high {self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log needs low > 0 (got {self.low})")
+        if self.step is not None:
+            if self.log:
+                raise ValueError("log and step do not go together: give one")
+            if self.whole and not isinstance(self.step, int):
+                raise ValueError(f"a range of whole numbers needs a whole step (got {self.step})")
+            steps = (self.high - self.low) / self.step
+            if abs(steps - round(steps)) > 1e-9:
+                raise ValueError(f"high - low must be a multiple of step (low {self.low}, high {self.high}, "
+                                 f"step {self.step})")
+        return self
+
+    @property
+    def whole(self) -> bool:
+        """Whether the range draws whole numbers: both bounds are."""
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+    @property
+    def ends(self) -> list[Any]:
+        """The values checked when the config loads: the bounds, or every choice."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+# what a search may vary: training and the model; the data, features, tasks and seed are shared
+# by every trial (one encoded data set), and the rest does not change training
+SEARCHABLE = ("train", "model", "models")
+
+
+class TuneConfig(ConfigBlock):
+    """`mtlrec tune`: the fields to search, and how trials are judged and pruned (`mtlrec.tune`)."""
+
+    space: dict[str, TuneRange] = Field(
+        description="field path -> values, e.g. train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}, "
+                    "model.num_experts: {low: 2, high: 8}, train.weighting.name: {choices: [fixed, uncertainty]}")
+    metric: str | None = Field(None, description="the validation metric a trial is judged by, at the epoch early "
+                                                 "stopping keeps; null: train.early_stopping.metric")
+    random_trials: int = Field(10, ge=1, description="TPE: trials drawn at random before it models the good ones")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="median: stop a trial whose best metric so far is worse than the median of the "
+                              "finished trials at that epoch; none: every trial runs to its end")
+    pruner_startup_trials: int = Field(5, ge=0, description="finished trials before any trial is pruned")
+    pruner_warmup_epochs: int = Field(1, ge=0, description="epochs every trial trains before it may be pruned")
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneConfig:
+        if not self.space:
+            raise ValueError("tune.space names no field to search")
+        for key in self.space:
+            parts = key.split(".")
+            if parts[0] in ("data", "features", "tasks", "seed"):
+                raise ValueError(f"tune.space {key!r}: the trials share one encoded data set and one seed, so "
+                                 "data, features, tasks and seed cannot be searched")
+            if parts[0] not in SEARCHABLE:
+                raise ValueError(f"tune.space {key!r}: only fields that change training can be searched: "
+                                 "train.*, model.* and models.NAME.*")
+            if key == "model.name" or len(parts) < (3 if parts[0] == "models" else 2) or "" in parts:
+                raise ValueError(f"tune.space {key!r}: name one field, e.g. train.lr, model.num_experts or "
+                                 "models.mmoe.num_experts (to compare models: mtlrec bench; search a bench "
+                                 "model's options with mtlrec tune --model NAME)")
+        return self
+
+
+def with_field(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of the config dict `raw` with the field at path `key` set to `value`. Mappings on
+    the way are created; a field given as a name (`train.weighting: fixed`) becomes
+    `{name: fixed}` when the path goes into it.
+
+    Example:
+        >>> with_field({"train": {"weighting": "fixed"}}, "train.weighting.name", "uncertainty")
+        {'train': {'weighting': {'name': 'uncertainty'}}}
+    """
+    out = copy.deepcopy(raw)
+    node = out
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif isinstance(child, str):
+            child = node[part] = {"name": child}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} holds {child!r}, not a mapping of fields")
+        node = child
+    node[leaf] = value
+    return out
+
+
+def check_search_space(config: Experiment) -> None:
+    """`tune.metric` must be a validation metric, and each range's bounds (or each choice)
+    written into the config must give a valid config; a ValueError names the key."""
+    tune = config.tune
+    stopping = config.train.early_stopping
+    allowed = TaskSet(config.schema).validation_keys + (["combined"] if stopping.combine else [])
+    if tune.metric is not None and tune.metric not in allowed:
+        raise ValueError(f"tune.metric {tune.metric!r} is not one of {allowed}")
+    base = config.to_dict()
+    del base["tune"]
+    for key, values in tune.space.items():
+        for value in values.ends:
+            try:
+                validate_config(with_field(base, key, value))
+            except ConfigError as err:
+                raise ValueError(f"tune.space {key!r}: the value {value!r} makes the config invalid: "
+                                 f"{in_one_line(err)}") from None
+
+
+def in_one_line(err: ConfigError) -> str:
+    """The problems a ConfigError lists, on one line (to quote it inside another message)."""
+    return "; ".join(line.strip() for line in str(err).removeprefix("invalid config:").splitlines() if line.strip())
+
+
 class Experiment(ConfigBlock):
     name: str = "experiment"
     seed: int = 0
@@ -232,6 +430,8 @@ class Experiment(ConfigBlock):
     )
     train: TrainConfig = TrainConfig()
     rank: RankConfig = RankConfig()
+    tune: TuneConfig | None = Field(None, description="the search space of `mtlrec tune`; other commands do "
+                                                     "not read it")
     output_dir: str = "runs"
 
     @model_validator(mode="after")
@@ -278,6 +478,8 @@ class Experiment(ConfigBlock):
         ratios = self.train.alternating.ratios
         if ratios is not None and (len(ratios) != len(schema.tasks) or min(ratios) < 0 or sum(ratios) <= 0):
             raise ValueError(f"train.alternating.ratios needs {len(schema.tasks)} non-negative values, not all 0")
+        if self.tune is not None:
+            check_search_space(self)
         return self
 
     @property

@@ -25,6 +25,7 @@ from mtlrec.train.callbacks import TrainingCallback
 from mtlrec.train.checkpoint import has_checkpoint, remove_checkpoint
 from mtlrec.train.distributed import barrier, world
 from mtlrec.train.evaluation import evaluate_logits, prediction_table
+from mtlrec.train.tracking import start_tracking
 from mtlrec.train.trainer import Trainer
 
 
@@ -146,14 +147,16 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
         if rank == 0:
             prepare_work_folder(folder, work, resume, overwrite)
         barrier()
+    tracking = start_tracking(config, folder, work, resume)  # train.tracking (packages, folder): before training
     encoded = encoded or encode_splits(config)
     encoder, train, valid, test = encoded.encoder, encoded.train, encoded.valid, encoded.test
     torch.manual_seed(config.seed)
     trained = TrainedModel.build(config, encoder)
     trainer = Trainer(trained.model, encoder.schema, config.train, seed=config.seed,
                       log_path=work / HISTORY if work else None, checkpoint_dir=work,
-                      run_config=config.to_dict(), callbacks=callbacks)
-    history = trained.history = trainer.fit(train, valid, resume=resume)
+                      run_config=config.to_dict(), callbacks=[*callbacks, *tracking.callbacks])
+    with tracking.ending_failed():
+        history = trained.history = trainer.fit(train, valid, resume=resume)
     test_metrics, test_rows = {}, None
     if test is not None:
         logits, targets = trainer.predict_split(test)
@@ -177,6 +180,7 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
         (work / METRICS).write_text(json.dumps(summary, indent=2))
         remove_checkpoint(work)  # the run is finished: nothing left to resume
         publish(work, folder, overwrite=True)  # checked before training: replacing was allowed
+    tracking.finish(folder)  # MLflow: the model folder as an artifact
     return RunResult(trained, history, test_metrics, folder, seconds, parameters, trainer.hit_epoch_cap)
 
 

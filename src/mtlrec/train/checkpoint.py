@@ -62,7 +62,7 @@ def remove_checkpoint(folder: Path) -> None:
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume a run whose config changed in a field that changes its trajectory
     (anything but the fields in RESUMABLE_CHANGES), listing the differing fields."""
-    before, now = _flatten(saved), _flatten(current)
+    before, now = flatten_fields(saved), flatten_fields(current)
     changed = sorted(k for k in before.keys() | now.keys()
                      if before.get(k) != now.get(k) and not k.startswith(RESUMABLE_CHANGES))
     if changed:
@@ -72,16 +72,20 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) 
 
 
 # config fields that may change between a checkpoint and its resume: they do not change the
-# trajectory already trained (more epochs, output, display, device, checkpoint cadence)
+# trajectory already trained (more epochs, output, display, device, checkpoint cadence, tracking;
+# a cosine schedule refuses a change of train.epochs itself, see mtlrec.train.schedules)
 RESUMABLE_CHANGES = ("name", "output_dir", "models", "rank", "train.epochs", "train.progress",
-                     "train.checkpoint_every", "train.device", "train.threads", "train.early_stopping.patience")
+                     "train.checkpoint_every", "train.device", "train.threads", "train.early_stopping.patience",
+                     "train.tracking", "train.mlflow_uri")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_fields(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> `{"train.lr": value}` (lists kept whole): how two configs are compared
+    field by field (a resume, a continued search)."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for key, value in tree.items():
-            out |= _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+            out |= flatten_fields(value, f"{prefix}.{key}" if prefix else str(key))
         return out
     return {prefix: tree}
 

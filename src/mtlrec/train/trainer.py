@@ -32,6 +32,8 @@ from mtlrec.train.early_stopping import COMBINED, EarlyStopping, PerTaskStopping
 from mtlrec.train.evaluation import evaluate_logits
 from mtlrec.train.gradients import SharedParameters
 from mtlrec.train.optim import build_optimizers
+from mtlrec.train.precision import resolve_precision
+from mtlrec.train.schedules import LearningRates, group_schedules
 from mtlrec.train.sharding import is_fused_table
 
 if TYPE_CHECKING:
@@ -91,7 +93,9 @@ class Trainer:
 
     Each epoch shuffles the training rows with a generator seeded from `seed`, so two runs
     with one seed see the same batches; validation runs after every epoch, and the best
-    epoch's weights (by `config.early_stopping.metric`) are kept.
+    epoch's weights (by `config.early_stopping.metric`) are kept. Learning rates follow
+    `config.schedule` and the groups' schedules (`mtlrec.train.schedules`; `lr/<group>` in each
+    epoch row); `config.clip_grad_norm` clips the gradient the optimizers step with.
 
     With `checkpoint_dir` and `config.checkpoint_every`, a checkpoint is written every that
     many steps and at each epoch's end; `fit(..., resume=True)` continues from it and ends
@@ -111,6 +115,7 @@ class Trainer:
         if config.batch_size % self.world:
             raise ValueError(f"train.batch_size {config.batch_size} must divide by the {self.world} processes")
         self.device = resolve_device(config.device)
+        self.precision = resolve_precision(config.precision, self.device)  # auto: bf16 only where native
         self.config = config
         self.plain_model = model.to(self.device)  # what fit leaves trained (the model folder's layout)
         # gradient methods take several gradient passes over one graph, which DistributedDataParallel's
@@ -139,6 +144,9 @@ class Trainer:
                                                                     if g.params != "embedding"]})
         self.optimizers = build_optimizers({"": self.model, "weighting": self.weighting}, dense_config,
                                            skip=is_fused_table if self.tables else None)  # tables update themselves
+        self.lr_groups = group_schedules(dense_config)  # one per optimizer; `fit` makes the LearningRates
+        self.learning_rates: LearningRates | None = None
+        self.clipped = [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
         # gradient methods and alternating steps act on the parameters the torch optimizers update:
         # TorchRec's fused tables (their gradient never materialised) are left out; the tables take
         # the plain weighted sum of the task gradients
@@ -222,6 +230,9 @@ class Trainer:
         """Train for `config.epochs` (or until early stopping); returns one metrics row per epoch."""
         source = train.shard(self.rank, self.world).to(self.device)
         generator = torch.Generator().manual_seed(self.seed)  # on the CPU: one batch order on every device
+        self.learning_rates = LearningRates(self.optimizers, self.lr_groups,
+                                            source.num_batches(self.config.batch_size // self.world),
+                                            self.config.epochs, self.config.early_stopping.metric, valid is not None)
         first_epoch, skip, totals = 1, 0, None
         if resume:
             first_epoch, skip, totals = self._restore(generator)
@@ -239,6 +250,7 @@ class Trainer:
                 if self.config.early_stopping.combine:
                     row[f"valid/{COMBINED}"] = combined_score(row, self.config.early_stopping.combine)
                 self.stopping.observe(row, self.model)
+                self.learning_rates.observe(row)
             self._log(row)
             self._checkpoint(generator.get_state(), epoch + 1, 0, None)
             for callback in self.callbacks:
@@ -268,6 +280,7 @@ class Trainer:
         every = self.config.checkpoint_every
         for done, batch in enumerate(self._batches(source, generator, skip), start=skip + 1):
             if not (self.has_batch_norm and len(batch) == 1):  # batch norm cannot train on one row
+                self.learning_rates.set(epoch, done)
                 totals.add(*self._step(batch))
             bar.update()
             if self.global_step % check_every == 0:
@@ -284,6 +297,7 @@ class Trainer:
         row = {"train/loss": (distributed.total(totals.total) / steps).item()}
         row |= {f"train/loss/{n}": v for n, v in zip(self.tasks.names, mean_losses.tolist())}
         row |= {f"weight/{n}": v for n, v in zip(self.tasks.names, totals.weights.tolist())}
+        row |= self.learning_rates.row()  # the lr of the epoch's last step
         for module in self.stepped:
             row |= module.end_epoch()
         return row
@@ -295,13 +309,15 @@ class Trainer:
                 yield batch
 
     def _forward(self, batch: TensorData):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.forward(batch.features)
         return out._replace(logits=out.logits.float())
 
     def _step(self, batch: TensorData) -> tuple[Tensor, Tensor]:
         weights, losses = self._forward_backward(batch)
         distributed.average_gradients(self.averaged)
+        if self.config.clip_grad_norm is not None:  # the combined gradient, averaged over the processes
+            torch.nn.utils.clip_grad_norm_(self.clipped, self.config.clip_grad_norm)
         for opt in self.optimizers:
             opt.step()
         for module in self.stepped:
@@ -379,6 +395,7 @@ class Trainer:
                 "global_step": self.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "generator": generator_state, "rng": rng_state(), "history": self.history,
                 "stopping": stopping, "totals": totals.state_dict() if totals else None,
+                "learning_rates": self.learning_rates.state_dict(),
                 "config": json.dumps(self.run_config),
             })
             if tables is not None:
@@ -400,6 +417,7 @@ class Trainer:
         self.weighting.load_state_dict(state["weighting"])
         for opt, saved in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(saved)
+        self.learning_rates.load_state_dict(state["learning_rates"])
         self.global_step = self.last_checkpoint = state["global_step"]
         self.history = state["history"]
         self.stopping.load_state_dict(stopping)
@@ -413,8 +431,8 @@ class Trainer:
     # -------------------------------------------------------------- evaluation
     @torch.no_grad()
     def predict_split(self, data: BatchSource) -> tuple[Tensor, TensorData]:
-        """Logits `[N, T]` for every row of the split, with the rows' labels and masks. Under
-        torch.distributed each process predicts its shard and all receive the whole split."""
+        """Logits `[N, L]` for every row of the split, with the rows' labels and masks `[N, T]`.
+        Under torch.distributed each process predicts its shard and all receive the whole split."""
         self.model.eval()
         logits, labels, masks, weights = [], [], [], []
         shard, rows = self._evaluation_shard(data)
@@ -423,8 +441,9 @@ class Trainer:
             labels.append(batch.labels)
             masks.append(batch.mask)
             weights.append(batch.weights if batch.weights is not None else torch.ones_like(batch.labels))
-        parts = [torch.cat(x)[:rows] if x else torch.zeros(0, len(self.tasks), device=self.device)
-                 for x in (logits, labels, masks, weights)]
+        widths = (self.tasks.num_logits, len(self.tasks), len(self.tasks), len(self.tasks))
+        parts = [torch.cat(x)[:rows] if x else torch.zeros(0, width, device=self.device)
+                 for x, width in zip((logits, labels, masks, weights), widths)]
         parts = distributed.gather_rows(parts)
         empty = torch.zeros(0, 0)
         return parts[0], TensorData(empty, empty, parts[1], parts[2].bool(),
