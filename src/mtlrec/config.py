@@ -277,6 +277,11 @@ class RankConfig(ConfigBlock):
     weights: dict[str, float] = Field({}, description="w_k per task; empty: 1 for every task; unnamed tasks: 0")
     item: ItemFactor | None = Field(None, description="f of an item feature; none: f = 1")
     relevance: dict[str, float] = Field({}, description="NDCG relevance = sum_k r_k y_k; empty: the weights")
+    group_by: str | None = Field(
+        None, description="a column that defines ranking lists (user, request): GAUC of each probability task and "
+                          "NDCG@ndcg_k of the fused score join the validation and test metrics (early stopping may "
+                          "watch them)")
+    ndcg_k: int = Field(10, ge=1, description="k of the NDCG@k computed with group_by")
 
 
 class TuneRange(ConfigBlock):
@@ -398,7 +403,7 @@ def check_search_space(config: Experiment) -> None:
     written into the config must give a valid config; a ValueError names the key."""
     tune = config.tune
     stopping = config.train.early_stopping
-    allowed = TaskSet(config.schema).validation_keys + (["combined"] if stopping.combine else [])
+    allowed = config.validation_keys + (["combined"] if stopping.combine else [])
     if tune.metric is not None and tune.metric not in allowed:
         raise ValueError(f"tune.metric {tune.metric!r} is not one of {allowed}")
     base = config.to_dict()
@@ -460,7 +465,7 @@ class Experiment(ConfigBlock):
         tasks = TaskSet(schema)
         create_weighting(self.train.weighting, tasks)  # its options' values, checked against the tasks
         stopping = self.train.early_stopping
-        allowed = tasks.validation_keys
+        allowed = self.validation_keys
         if stopping.metric not in [*allowed, "combined"]:
             raise ValueError(f"train.early_stopping.metric {stopping.metric!r} is not one of {allowed} or 'combined'")
         unknown = sorted(set(stopping.combine) - set(allowed))
@@ -472,6 +477,8 @@ class Experiment(ConfigBlock):
             unknown = sorted(set(getattr(self.rank, field)) - set(schema.task_names))
             if unknown:
                 raise ValueError(f"rank.{field} names unknown task(s) {unknown}; tasks: {schema.task_names}")
+        if self.rank.group_by is not None and self.data.streaming:
+            raise ValueError("rank.group_by (GAUC / NDCG during training) reads in-memory splits, not data.streaming")
         if self.train.embedding_sharding != "none" and self.data.streaming:
             raise ValueError("train.embedding_sharding with data.streaming is not supported yet: sharded tables need "
                              "every process to run as many batches, which file shards do not give")
@@ -481,6 +488,15 @@ class Experiment(ConfigBlock):
         if self.tune is not None:
             check_search_space(self)
         return self
+
+    @property
+    def validation_keys(self) -> list[str]:
+        """What early stopping (and a search) may watch: the tasks' losses and metrics, and with
+        `rank.group_by` the ranking metrics (`mtlrec.train.evaluation.ranking_metric_names`)."""
+        from mtlrec.train.evaluation import ranking_metric_names
+
+        tasks = TaskSet(self.schema)
+        return tasks.validation_keys + ranking_metric_names(tasks, self.rank)
 
     @property
     def schema(self) -> Schema:

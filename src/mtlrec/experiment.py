@@ -154,13 +154,14 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
     trained = TrainedModel.build(config, encoder)
     trainer = Trainer(trained.model, encoder.schema, config.train, seed=config.seed,
                       log_path=work / HISTORY if work else None, checkpoint_dir=work,
-                      run_config=config.to_dict(), callbacks=[*callbacks, *tracking.callbacks])
+                      run_config=config.to_dict(), callbacks=[*callbacks, *tracking.callbacks],
+                      ranking=config.rank)
     with tracking.ending_failed():
         history = trained.history = trainer.fit(train, valid, resume=resume)
     test_metrics, test_rows = {}, None
     if test is not None:
         logits, targets = trainer.predict_split(test)
-        test_metrics = trained.test_metrics = evaluate_logits(trained.tasks, logits, targets)
+        test_metrics = trained.test_metrics = evaluate_logits(trained.tasks, logits, targets, config.rank)
         test_rows = prediction_table(trained.tasks, logits, targets)
         if "test" in encoded.ids:  # which rows these are: score your own baselines on the same rows
             test_rows = pd.concat([encoded.ids["test"].reset_index(drop=True), test_rows], axis=1)
@@ -229,13 +230,14 @@ def encode_splits(config: Experiment, frames: Frames | None = None) -> Encoded:
         valid, test = (ParquetStream(p, encoder, data.chunk_rows) if p else None for p in (data.valid, data.test))
         return Encoded(encoder, train, valid, test)
     splits = load_splits(config, frames)
+    group_by = config.rank.group_by  # ranking lists for GAUC / NDCG in the metrics
     with naming_the_split("train", config):
         encoder = Encoder(config.schema).fit(splits.train)
-        train = encoder.transform(splits.train)
+        train = encoder.transform(splits.train, group_by=group_by)
     with naming_the_split("valid", config):
-        valid = encoder.transform(splits.valid)
+        valid = encoder.transform(splits.valid, group_by=group_by)
     with naming_the_split("test", config):
-        test = encoder.transform(splits.test) if splits.test is not None else None
+        test = encoder.transform(splits.test, group_by=group_by) if splits.test is not None else None
     return Encoded(encoder, train, valid, test, splits.ids)
 
 

@@ -45,16 +45,23 @@ def item_factor(values: np.ndarray, transform: str, power: float) -> np.ndarray:
     return np.where(missing, 1.0, np.maximum(values, EPS) ** power)
 
 
+def task_log_score(predictions: np.ndarray, task_names: list[str], weights: dict[str, float]) -> np.ndarray:
+    """sum_k w_k log p_k per row (the fused score's task part, in log space; p_k floored at EPS):
+    predictions `[N, T]` in `task_names` order, `weights` w_k by task name."""
+    columns = {name: k for k, name in enumerate(task_names)}
+    predictions = np.asarray(predictions, dtype=np.float64).reshape(-1, len(task_names))
+    log_score = np.zeros(len(predictions))
+    for task, w in weights.items():
+        log_score += w * np.log(np.maximum(predictions[:, columns[task]], EPS))
+    return log_score
+
+
 def fused_score_array(predictions: np.ndarray, task_names: list[str], item_values: np.ndarray | None,
                       config: RankConfig, schema: Schema) -> np.ndarray:
     """prod_k p_k^w_k * f(item) per row. predictions `[N, T]`: p_k of each task in `task_names`
     order (`TaskSet.rank_values` of the model's predictions); item_values `[N]` float (NaN:
     missing), needed when the config has `rank.item`."""
-    columns = {name: k for k, name in enumerate(task_names)}
-    predictions = np.asarray(predictions, dtype=np.float64).reshape(-1, len(task_names))
-    log_score = np.zeros(len(predictions))
-    for task, w in rank_weights(config, schema).items():
-        log_score += w * np.log(np.maximum(predictions[:, columns[task]], EPS))
+    log_score = task_log_score(predictions, task_names, rank_weights(config, schema))
     if config.item is not None:
         log_score += np.log(item_factor(item_values, config.item.transform, config.item.power))
     return np.exp(log_score)

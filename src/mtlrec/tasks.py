@@ -490,6 +490,8 @@ class Multiclass(TaskKind):
 def higher_is_better(metric: str) -> bool:
     """Direction of a metric named like `auc/click` or `loss`."""
     kind = metric.split("/", 1)[0]
+    if kind == "gauc" or kind.startswith("ndcg@"):  # ranking metrics (rank.group_by)
+        return True
     directions = {"loss": False} | {m.name: m.higher_is_better for k in KINDS.values() for m in k.metrics}
     if kind not in directions:
         raise ValueError(f"unknown metric {metric!r}; metrics are {sorted(directions)} (+ '/task')")

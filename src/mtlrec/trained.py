@@ -72,9 +72,11 @@ class TrainedModel:
         return pd.DataFrame(columns, index=table.index)
 
     def evaluate(self, table: pd.DataFrame) -> dict[str, float]:
-        """Loss and per-task metrics on a labelled table."""
-        data = self.encoder.transform(table)
-        return evaluate_logits(self.tasks, self.outputs(data)[0], data)
+        """Loss and per-task metrics on a labelled table; with `rank.group_by` in the config and
+        its column in the table, GAUC and NDCG@k too."""
+        group_by = self.config.rank.group_by
+        data = self.encoder.transform(table, group_by=group_by if group_by in table.columns else None)
+        return evaluate_logits(self.tasks, self.outputs(data)[0], data, self.config.rank)
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write the model folder whole or not at all (`mtlrec.folders`); an existing folder

@@ -141,12 +141,17 @@ class Encoder:
         ]
         return self.raw_schema.model_copy(update={"sparse": sparse})
 
-    def transform(self, table: pd.DataFrame, labels: bool = True) -> TensorData:
-        """Encode a table. With `labels=False` label columns are not read (prediction)."""
+    def transform(self, table: pd.DataFrame, labels: bool = True, group_by: str | None = None) -> TensorData:
+        """Encode a table. With `labels=False` label columns are not read (prediction). With
+        `group_by`, each row's ranking list is that column's value, coded within the table
+        (`TensorData.groups`, for GAUC and NDCG); an empty cell there is an error."""
         if not self.fitted:
             raise RuntimeError("Encoder.transform before fit")
         with _naming_file(table):
-            return self._transform(table, labels)
+            data = self._transform(table, labels)
+            if group_by is not None:
+                data.groups = torch.from_numpy(_group_codes(table, group_by))
+            return data
 
     def _transform(self, table: pd.DataFrame, labels: bool) -> TensorData:
         if len(table) == 0:
@@ -456,3 +461,13 @@ def _check_labels(values: np.ndarray, present: np.ndarray, task, index: pd.Index
         of_task = "" if column == task.name else f" (task {task.name!r})"
         raise DataError(f"label column {column!r}{of_task} must be {kind.label_rule}: row {index[row]!r} "
                         f"holds {values[row]:g}")
+
+
+def _group_codes(table: pd.DataFrame, column: str) -> np.ndarray:
+    """`[N]` int64: the rows' values of `column` as codes 0, 1, ... in order of appearance."""
+    _require_columns(table, [column])
+    codes, _ = pd.factorize(table[column])
+    if (codes < 0).any():
+        row = table.index[int(np.flatnonzero(codes < 0)[0])]
+        raise DataError(f"rank.group_by column {column!r} is empty at row {row!r}: every row needs a ranking list")
+    return codes.astype(np.int64)

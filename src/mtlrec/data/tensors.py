@@ -20,8 +20,9 @@ from mtlrec.data.features import Features, Jagged
 class TensorData:
     """Encoded rows: single-valued sparse ids `[N, S]` int64, dense `[N, D]` float32,
     labels `[N, T]` float32 (0 where missing), label mask `[N, T]` bool (True = label present),
-    one `Jagged` per multi-valued sparse feature, and sample weights `[N, T]` float32 (None:
-    every row weighs 1).
+    one `Jagged` per multi-valued sparse feature, sample weights `[N, T]` float32 (None:
+    every row weighs 1), and each row's ranking list `[N]` int64 (`rank.group_by`, coded
+    within the split; None without it).
     """
 
     sparse: Tensor
@@ -30,6 +31,7 @@ class TensorData:
     mask: Tensor
     lists: tuple[Jagged, ...] = field(default=())
     weights: Tensor | None = None
+    groups: Tensor | None = None
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -41,7 +43,8 @@ class TensorData:
 
     def _map(self, fn, fn_lists) -> TensorData:
         return TensorData(fn(self.sparse), fn(self.dense), fn(self.labels), fn(self.mask),
-                          tuple(fn_lists(j) for j in self.lists), None if self.weights is None else fn(self.weights))
+                          tuple(fn_lists(j) for j in self.lists), None if self.weights is None else fn(self.weights),
+                          None if self.groups is None else fn(self.groups))
 
     def to(self, device: torch.device | str) -> TensorData:
         return self._map(lambda t: t.to(device, non_blocking=True), lambda j: j.to(device))
@@ -50,10 +53,13 @@ class TensorData:
         """These rows followed by `other`'s."""
         if (self.weights is None) != (other.weights is None):
             raise ValueError("cannot concatenate rows with sample weights to rows without")
+        if (self.groups is None) != (other.groups is None):
+            raise ValueError("cannot concatenate rows with ranking groups to rows without")
         cat = lambda a, b: torch.cat([a, b])  # noqa: E731
         return TensorData(cat(self.sparse, other.sparse), cat(self.dense, other.dense), cat(self.labels, other.labels),
                           cat(self.mask, other.mask), tuple(a.concat(b) for a, b in zip(self.lists, other.lists)),
-                          None if self.weights is None else cat(self.weights, other.weights))
+                          None if self.weights is None else cat(self.weights, other.weights),
+                          None if self.groups is None else cat(self.groups, other.groups))
 
     def take(self, index: Tensor) -> TensorData:
         return self._map(lambda t: t.index_select(0, index), lambda j: j.take(index))

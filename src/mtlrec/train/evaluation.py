@@ -6,14 +6,23 @@ needs the training loop.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
 from torch import Tensor
 
 from mtlrec.data.tensors import TensorData
 from mtlrec.tasks import TaskSet
 
+if TYPE_CHECKING:
+    from mtlrec.config import RankConfig
 
-def evaluate_logits(tasks: TaskSet, logits: Tensor, data: TensorData) -> dict[str, float]:
-    """The config-weighted loss, each task's loss and its metrics, from a split's logits `[N, L]`.
+
+def evaluate_logits(tasks: TaskSet, logits: Tensor, data: TensorData, ranking: RankConfig | None = None
+                    ) -> dict[str, float]:
+    """The config-weighted loss, each task's loss and its metrics, from a split's logits `[N, L]`;
+    with `ranking.group_by` and the rows' groups (`data.groups`), the ranking metrics too
+    (`ranking_metrics`).
 
     Example:
         >>> import torch
@@ -30,6 +39,40 @@ def evaluate_logits(tasks: TaskSet, logits: Tensor, data: TensorData) -> dict[st
     predictions = tasks.predict(logits)
     weights = data.weights.cpu().numpy() if tasks.weighted_metrics and data.weights is not None else None
     out |= tasks.metrics(*(t.cpu().numpy() for t in (predictions, data.labels, data.mask)), weights)
+    if ranking is not None and ranking.group_by is not None and data.groups is not None:
+        out |= ranking_metrics(tasks, predictions.cpu().numpy(), data, ranking)
+    return out
+
+
+def ranking_metric_names(tasks: TaskSet, ranking: RankConfig) -> list[str]:
+    """The metrics `ranking_metrics` reports: none without `ranking.group_by`."""
+    if ranking.group_by is None:
+        return []
+    return [f"gauc/{name}" for name, kind in zip(tasks.names, tasks.kinds) if kind.probability and kind.width == 1
+            ] + [f"ndcg@{ranking.ndcg_k}"]
+
+
+def ranking_metrics(tasks: TaskSet, predictions, data: TensorData, ranking: RankConfig) -> dict[str, float]:
+    """Per ranking list (`data.groups`, from `rank.group_by`): the GAUC of each probability task
+    over its sample space, and NDCG@`ndcg_k` of the fused score's task part prod_k p_k^w_k
+    (`rank.weights`; the item factor `rank.item` needs the raw item column and is left out
+    here), relevance sum_k r_k y_k (`rank.relevance`, a label outside its task's space
+    counting 0); `mtlrec.rank.gauc` and `ndcg_at_k`. predictions `[N, L]`."""
+    from mtlrec.rank import gauc, ndcg_at_k, task_log_score
+
+    labels, mask, groups = data.labels.cpu().numpy(), data.mask.cpu().numpy(), data.groups.cpu().numpy()
+    out = {}
+    for k, (name, kind) in enumerate(zip(tasks.names, tasks.kinds)):
+        if kind.probability and kind.width == 1:
+            keep = mask[:, k]
+            out[f"gauc/{name}"] = gauc(labels[keep, k], predictions[keep, tasks.slices[k].start], groups[keep])
+    weights = dict(ranking.weights) or {name: 1.0 for name in tasks.names}
+    score = task_log_score(tasks.rank_values(predictions), tasks.names, weights)  # the order is exp's
+    relevance = np.zeros(len(labels))
+    for name, r in (dict(ranking.relevance) or weights).items():
+        k = tasks.names.index(name)
+        relevance += r * np.nan_to_num(tasks.kinds[k].rank_label(np.where(mask[:, k], labels[:, k], np.nan)))
+    out[f"ndcg@{ranking.ndcg_k}"] = ndcg_at_k(relevance, score, groups, ranking.ndcg_k)
     return out
 
 
@@ -54,4 +97,4 @@ def prediction_table(tasks: TaskSet, logits: Tensor, targets: TensorData):
     return pd.DataFrame(columns)
 
 
-__all__ = ["constant_baseline", "evaluate_logits", "prediction_table"]
+__all__ = ["constant_baseline", "evaluate_logits", "prediction_table", "ranking_metric_names", "ranking_metrics"]

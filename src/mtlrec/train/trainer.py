@@ -29,7 +29,7 @@ from mtlrec.train.alternating import TaskSchedule
 from mtlrec.train.callbacks import TrainingCallback
 from mtlrec.train.checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mtlrec.train.early_stopping import COMBINED, EarlyStopping, PerTaskStopping, combined_score, task_metric
-from mtlrec.train.evaluation import evaluate_logits
+from mtlrec.train.evaluation import evaluate_logits, ranking_metric_names
 from mtlrec.train.gradients import SharedParameters
 from mtlrec.train.optim import build_optimizers
 from mtlrec.train.precision import resolve_precision
@@ -37,6 +37,7 @@ from mtlrec.train.schedules import LearningRates, group_schedules
 from mtlrec.train.sharding import is_fused_table
 
 if TYPE_CHECKING:
+    from mtlrec.config import RankConfig
     from mtlrec.train.sharding import TorchRecTables
 
 
@@ -109,8 +110,10 @@ class Trainer:
 
     def __init__(self, model: nn.Module, schema: Schema, config: TrainConfig, seed: int = 0,
                  log_path: str | Path | None = None, checkpoint_dir: str | Path | None = None,
-                 run_config: dict | None = None, callbacks: Sequence[TrainingCallback] = ()):
+                 run_config: dict | None = None, callbacks: Sequence[TrainingCallback] = (),
+                 ranking: RankConfig | None = None):
         self.rank, self.world = distributed.world()
+        self.ranking = ranking  # with ranking.group_by: GAUC and NDCG@k join the validation metrics
         self.callbacks = list(callbacks) if self.rank == 0 else []  # the process that writes tells them
         if config.batch_size % self.world:
             raise ValueError(f"train.batch_size {config.batch_size} must divide by the {self.world} processes")
@@ -179,7 +182,7 @@ class Trainer:
         network, each on its own task's metric (`early_stopping.per_task`)."""
         o = config.early_stopping
         if o.per_task and isinstance(self.model, SingleTaskModels) and self.tables is None:  # TorchRec: one stopper
-            keys = self.tasks.validation_keys
+            keys = self.tasks.validation_keys + (ranking_metric_names(self.tasks, self.ranking) if self.ranking else [])
             return PerTaskStopping([task_metric(o.metric, t, keys) for t in self.tasks.names], o.patience, o.min_delta)
         return EarlyStopping(o.metric, o.patience, o.min_delta)
 
@@ -434,20 +437,25 @@ class Trainer:
         """Logits `[N, L]` for every row of the split, with the rows' labels and masks `[N, T]`.
         Under torch.distributed each process predicts its shard and all receive the whole split."""
         self.model.eval()
-        logits, labels, masks, weights = [], [], [], []
+        logits, labels, masks, weights, groups = [], [], [], [], []
         shard, rows = self._evaluation_shard(data)
         for batch in shard.to(self.device).batches(4 * self.config.batch_size):
             logits.append(self._forward(batch).logits)
             labels.append(batch.labels)
             masks.append(batch.mask)
             weights.append(batch.weights if batch.weights is not None else torch.ones_like(batch.labels))
+            if batch.groups is not None:
+                groups.append(batch.groups)
         widths = (self.tasks.num_logits, len(self.tasks), len(self.tasks), len(self.tasks))
         parts = [torch.cat(x)[:rows] if x else torch.zeros(0, width, device=self.device)
                  for x, width in zip((logits, labels, masks, weights), widths)]
+        if groups:  # ranking lists (rank.group_by): coded within the split, so they gather as they are
+            parts.append(torch.cat(groups)[:rows])
         parts = distributed.gather_rows(parts)
         empty = torch.zeros(0, 0)
         return parts[0], TensorData(empty, empty, parts[1], parts[2].bool(),
-                                    weights=parts[3] if self.tasks.weighted else None)
+                                    weights=parts[3] if self.tasks.weighted else None,
+                                    groups=parts[4] if groups else None)
 
     def _evaluation_shard(self, data: BatchSource) -> tuple[Shard, int | None]:
         """This process's rows of a split, and how many of the predictions are real. Sharded
@@ -470,7 +478,7 @@ class Trainer:
     def evaluate(self, data: BatchSource) -> dict[str, float]:
         """Weighted loss, per-task losses and metrics over the whole split."""
         logits, targets = self.predict_split(data)
-        return evaluate_logits(self.tasks, logits, targets)
+        return evaluate_logits(self.tasks, logits, targets, self.ranking)
 
     def _log(self, row: dict[str, float]) -> None:
         self.history.append(row)
