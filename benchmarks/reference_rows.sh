@@ -11,16 +11,9 @@ BIN=${BIN:-.venv/bin}
 SEEDS=${SEEDS:-5}
 OUT=${OUT:-runs/reference}
 MODELS=single_task,mmoe,ple,lightgbm
-COLLEGE="education in ('Some college but no degree', 'Associates degree-occup /vocational', \
-'Associates degree-academic program', 'Bachelors degree(BA AB BS)', 'Masters degree(MA MS MEng MEd MSW MBA)', \
-'Prof school degree (MD DDS DVM LLB JD)', 'Doctorate degree(PhD EdD)')"
+source benchmarks/datasets.sh
 
 bench() { "$BIN/mtlrec" bench "$@" --models "$MODELS" --seeds "$SEEDS"; }
 
-bench configs/census.yaml --out "$OUT/census_income"
-bench configs/census.yaml --out "$OUT/census_education" --set name=census_education \
-  --set "tasks=[{name: college, expression: \"$COLLEGE\"}, {name: never_married, expression: \"marital_stat == 'Never married'\"}]"
-bench configs/demo.yaml --out "$OUT/synthetic_p0.2" --set data.synthetic.correlation=0.2
-bench configs/demo.yaml --out "$OUT/synthetic_p0.9" --set data.synthetic.correlation=0.9
-bench configs/history.yaml --out "$OUT/history"
+each_data_set "$OUT" bench
 "$BIN/python" benchmarks/after_ple_table.py "$OUT"/*/bench.json

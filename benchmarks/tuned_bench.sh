@@ -13,9 +13,7 @@ SEEDS=${SEEDS:-5}
 TRIALS=${TRIALS:-10}
 OUT=${OUT:-runs/tuned}
 MODELS=single_task,mmoe,cgc,ple,lightgbm
-COLLEGE="education in ('Some college but no degree', 'Associates degree-occup /vocational', \
-'Associates degree-academic program', 'Bachelors degree(BA AB BS)', 'Masters degree(MA MS MEng MEd MSW MBA)', \
-'Prof school degree (MD DDS DVM LLB JD)', 'Doctorate degree(PhD EdD)')"
+source benchmarks/datasets.sh   # COLLEGE: the second census task group
 
 bench() { "$BIN/mtlrec" bench "$@" --models "$MODELS" --seeds "$SEEDS" --tune "$TRIALS" --set train.threads=2; }
 

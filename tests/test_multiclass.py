@@ -28,13 +28,7 @@ CLICK = {"name": "click"}
 WATCH = {"name": "watch", "type": "regression"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a few hundred rows: one torch thread (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (tests/conftest.py)
 
 
 def rating(classes=3, **options):

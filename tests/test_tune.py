@@ -6,7 +6,6 @@ import json
 import sys
 
 import pytest
-import torch
 import yaml
 
 optuna = pytest.importorskip("optuna")
@@ -19,13 +18,7 @@ from mtlrec.tune import STUDY_FILE, TrialReporter, run_search  # noqa: E402
 State = optuna.trial.TrialState
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Trials train one after another on small data: one torch thread each (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (tests/conftest.py)
 
 
 def tuned(tiny_config, space, **tune):
