@@ -356,9 +356,10 @@ def _models(args) -> int:
 
 
 def _print_metrics(metrics: dict) -> None:
+    width = max([24, *(len(key) for key in metrics)])  # long names (uncalibrated/logloss/TASK) stay aligned
     for key, value in metrics.items():
         shown = "undefined" if isinstance(value, float) and math.isnan(value) else value
-        print(f"{key:>24}  {shown:.6f}" if isinstance(shown, float) else f"{key:>24}  {shown}")
+        print(f"{key:>{width}}  {shown:.6f}" if isinstance(shown, float) else f"{key:>{width}}  {shown}")
 
 
 COMMANDS = {"train": _train, "evaluate": _evaluate, "predict": _predict, "bench": _bench, "sweep": _sweep,

@@ -454,6 +454,9 @@ class Experiment(ConfigBlock):
             if self.tasks is None:
                 self.tasks = tasks
         schema = self.schema  # validates names
+        from mtlrec.calibration import refuse_ordered_outputs
+
+        refuse_ordered_outputs(self.model.name, schema)  # esmm's tasks keep pCTCVR <= pCTR: no calibration
         for name, options in self.models.items():
             if name == gbdt.NAME:  # the bench's non-neural reference row
                 gbdt.reference_options(options)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mtlrec.calibration import calibrate
 from mtlrec.config import Experiment
 from mtlrec.data import DataError, Encoder, make_synthetic
 from mtlrec.data.formats import DATA_FORMATS
@@ -135,7 +136,9 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
     `resume=True` continues the unfinished run in `FOLDER.partial/` if the config still
     matches it. `callbacks` hear of every step and epoch (`mtlrec.train.callbacks`; tracking,
     search). Under torch.distributed only rank 0 writes. Sets torch's CPU threads to
-    `train.threads` when given."""
+    `train.threads` when given. Tasks with `calibration` are calibrated after training on the
+    validation split (`mtlrec.calibration`): the test metrics are the calibrated model's, plus
+    the uncalibrated ones of those tasks as `uncalibrated/METRIC/TASK`."""
     start = time.perf_counter()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -158,10 +161,13 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
                       ranking=config.rank)
     with tracking.ending_failed():
         history = trained.history = trainer.fit(train, valid, resume=resume)
+        trained.calibration = calibrate(encoder.schema, trainer, valid)  # the identity without calibrated tasks
     test_metrics, test_rows = {}, None
     if test is not None:
-        logits, targets = trainer.predict_split(test)
+        raw_logits, targets = trainer.predict_split(test)
+        logits = trained.calibration(raw_logits)  # raw_logits itself without calibrated tasks
         test_metrics = trained.test_metrics = evaluate_logits(trained.tasks, logits, targets, config.rank)
+        test_metrics |= trained.calibration.uncalibrated_metrics(trained.tasks, raw_logits, targets)  # in place
         test_rows = prediction_table(trained.tasks, logits, targets)
         if "test" in encoded.ids:  # which rows these are: score your own baselines on the same rows
             test_rows = pd.concat([encoded.ids["test"].reset_index(drop=True), test_rows], axis=1)

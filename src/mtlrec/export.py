@@ -92,7 +92,8 @@ def encoded_features(schema: Schema, ids: Tensor, dense: Tensor, lists: list[Ten
 
 
 class ScoringCore(nn.Module):
-    """Encoded inputs -> predictions `[N, L]` (`TaskSet.predict`): ids `[N, S]` int64, scaled dense `[N, D]`, and the
+    """Encoded inputs -> predictions `[N, L]` (`TaskSet.predict` of the logits, calibrated where a
+    task asks for it: `mtlrec.calibration`): ids `[N, S]` int64, scaled dense `[N, D]`, and the
     list features' codes, lengths and weights (`encoded_features`), from which it builds the
     `Jagged` lists the model reads."""
 
@@ -101,9 +102,11 @@ class ScoringCore(nn.Module):
         self.model = trained.model.eval()
         self.schema = trained.schema
         self.tasks = TaskSet(self.schema)
+        self.calibration = trained.calibration
 
     def forward(self, ids: Tensor, dense: Tensor, *lists: Tensor) -> Tensor:
-        return self.tasks.predict(self.model(encoded_features(self.schema, ids, dense, list(lists))).logits)
+        logits = self.model(encoded_features(self.schema, ids, dense, list(lists))).logits
+        return self.tasks.predict(self.calibration(logits))
 
 
 class InputList(nn.Module):

@@ -144,6 +144,8 @@ class Task(NamedBlock):
     A task's sample space is the rows where its label exists and, if `space` is given, where
     that condition on other columns holds (e.g. conversion only where `click == 1`); the
     task's loss and metrics see only those rows.
+    `calibration` (binary and focal tasks) maps the probability after training, fitted on the
+    validation split (`mtlrec.calibration`).
     """
 
     name: str
@@ -166,6 +168,9 @@ class Task(NamedBlock):
     within: str | None = Field(
         None, description="a binary task whose event this one implies (five_star within like): predicted as "
                           "P(parent) * P(this | parent), so never above the parent's")
+    calibration: Literal["platt", "isotonic"] | None = Field(
+        None, description="post-hoc calibration of a binary or focal task's probability, fitted on the validation "
+                          "split after training (mtlrec.calibration): platt (z' = a z + b) or isotonic")
 
     @field_validator("type")
     @classmethod
@@ -175,7 +180,10 @@ class Task(NamedBlock):
 
     @model_validator(mode="after")
     def _check(self) -> Task:
-        self.kind  # its options, validated: a ValueError names the task and the option
+        kind = self.kind  # its options, validated: a ValueError names the task and the option
+        if self.calibration and not (kind.probability and kind.width == 1):
+            raise ValueError(f"task {self.name!r}: calibration {self.calibration!r} applies to tasks predicting one "
+                             f"probability (binary, focal), not type {self.type!r}")
         if self.expression and (self.label or self.values):
             raise ValueError(f"task {self.name!r}: give either expression or label/values, not both")
         for what, text in (("expression", self.expression), ("space", self.space)):
@@ -235,6 +243,12 @@ class Schema(ConfigBlock):
             raise ValueError("weighted_metrics needs a sample_weight column")
         self._check_tables()
         self.nested_order()
+        nested = {t.name: t.within for t in self.tasks if t.within}
+        for t in self.tasks:  # calibrating one task of a nested pair could put the child above the parent
+            if t.calibration and (t.name in nested or t.name in nested.values()):
+                pair = next(f"{c} within {p}" for c, p in nested.items() if t.name in (c, p))
+                raise ValueError(f"task {t.name!r}: calibration cannot apply to a task of a nested pair ({pair}): "
+                                 "it would no longer keep P(child) <= P(parent)")
         return self
 
     def nested_order(self) -> list[Task]:

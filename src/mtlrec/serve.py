@@ -377,13 +377,13 @@ class Scorer:
 
 
 def torch_outputs(trained: TrainedModel, schema: Schema, ids: np.ndarray, dense: np.ndarray, *lists: np.ndarray):
-    """Encoded rows (lists: `Scorer.encode`'s) -> (task predictions `[N, L]`, extra outputs as
-    probabilities by name)."""
+    """Encoded rows (lists: `Scorer.encode`'s) -> (task predictions `[N, L]`, calibrated as
+    `TrainedModel.predict`'s, extra outputs as probabilities by name)."""
     with torch.inference_mode():
         features = encoded_features(schema, torch.from_numpy(ids), torch.from_numpy(dense),
                                     [torch.from_numpy(a) for a in lists])
         out = trained.model(features)
-        predictions = trained.tasks.predict(out.logits).numpy()
+        predictions = trained.tasks.predict(trained.calibration(out.logits)).numpy()
         return predictions, {n: torch.sigmoid(v).numpy() for n, v in out.extra_logits.items()}
 
 

@@ -1,6 +1,8 @@
 """A trained model with everything it needs: the experiment config, the fitted encoder and
-the weights. Saved as a folder (`model.safetensors`, `config.yaml`, `encoder.json`, and
-`manifest.json` with their checksums) that `mtlrec.load(folder)` reads with nothing else.
+the weights, and the post-hoc calibration of the tasks that ask for it (`mtlrec.calibration`).
+Saved as a folder (`model.safetensors`, `config.yaml`, `encoder.json`, `calibration.json` when
+a task is calibrated, and `manifest.json` with their checksums) that `mtlrec.load(folder)`
+reads with nothing else.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from mtlrec import models
+from mtlrec.calibration import Calibration, refuse_ordered_outputs
 from mtlrec.config import Experiment, validate_config
 from mtlrec.data.encoder import Encoder
 from mtlrec.folders import DamagedFolder, partial_folder, publish, verify_manifest
@@ -24,6 +27,7 @@ from mtlrec.tasks import TaskSet
 from mtlrec.train.evaluation import evaluate_logits
 
 WEIGHTS, CONFIG, ENCODER = "model.safetensors", "config.yaml", "encoder.json"
+CALIBRATION = "calibration.json"  # the calibrated tasks' maps (numbers only), when the config has any
 HISTORY, METRICS = "epochs.jsonl", "metrics.json"  # what a run adds: its epoch log and test metrics
 
 
@@ -35,6 +39,7 @@ class TrainedModel:
         self.encoder = encoder
         self.model = model
         self.tasks = TaskSet(encoder.schema)
+        self.calibration = Calibration(encoder.schema)  # fitted after training (run_experiment) or read (load)
         self.history: list[dict[str, float]] = []  # one row per epoch trained (epochs.jsonl); empty if unknown
         self.test_metrics: dict[str, float] = {}  # on the test split, when the run had one
 
@@ -45,12 +50,13 @@ class TrainedModel:
     @classmethod
     def build(cls, config: Experiment, encoder: Encoder) -> TrainedModel:
         """A fresh (untrained) model for a config and a fitted encoder."""
+        refuse_ordered_outputs(config.model.name, encoder.schema)
         return cls(config, encoder, models.create(config.model.name, encoder.schema, **config.model.options))
 
     @torch.no_grad()
     def outputs(self, data: TensorData, batch_size: int = 8192) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits `[N, L]` of encoded rows (`TaskSet.slices`), and the model's extra logits
-        (name -> `[N]`, e.g. ESMM's `cvr`)."""
+        """Logits `[N, L]` of encoded rows (`TaskSet.slices`), calibrated where a task asks for
+        it (`self.calibration`), and the model's extra logits (name -> `[N]`, e.g. ESMM's `cvr`)."""
         self.model.eval()
         device = next(self.model.parameters()).device
         logits, extras = [], {}
@@ -59,7 +65,7 @@ class TrainedModel:
             logits.append(out.logits.cpu())
             for name, value in out.extra_logits.items():
                 extras.setdefault(name, []).append(value.cpu())
-        return torch.cat(logits), {name: torch.cat(parts) for name, parts in extras.items()}
+        return self.calibration(torch.cat(logits)), {name: torch.cat(parts) for name, parts in extras.items()}
 
     def predict(self, table: pd.DataFrame, batch_size: int = 8192) -> pd.DataFrame:
         """One column per task: probability (binary) or value (regression); a multiclass task
@@ -90,10 +96,12 @@ class TrainedModel:
         return folder
 
     def write_files(self, folder: Path) -> None:
-        """The weights, config and encoder into `folder` (no manifest: `publish` writes it)."""
+        """The weights, config, encoder and calibration into `folder` (no manifest: `publish` writes it)."""
         save_model(self.model, str(folder / WEIGHTS))
         (folder / CONFIG).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         (folder / ENCODER).write_text(json.dumps(self.encoder.to_dict()))
+        if self.calibration.methods:
+            (folder / CALIBRATION).write_text(self.calibration.to_json())
 
 
 def load(folder: str | Path, device: str = "cpu") -> TrainedModel:
@@ -115,6 +123,12 @@ def load(folder: str | Path, device: str = "cpu") -> TrainedModel:
     except Exception as err:  # safetensors raises several kinds for a damaged or mismatched file
         raise DamagedFolder(f"{folder / WEIGHTS} does not fit the model in {CONFIG}: {err}") from None
     trained.model.to(device)
+    if trained.calibration.methods or (folder / CALIBRATION).exists():
+        try:
+            trained.calibration = Calibration.from_json(encoder.schema, (folder / CALIBRATION).read_text())
+        except (OSError, ValueError) as err:
+            raise DamagedFolder(f"{folder / CALIBRATION} does not hold the calibration the config asks for: "
+                                f"{err}") from None
     if (folder / HISTORY).is_file():  # a folder written by a run (TrainedModel.save writes the model only)
         trained.history = [json.loads(line) for line in (folder / HISTORY).read_text().splitlines() if line]
     if (folder / METRICS).is_file():
