@@ -47,3 +47,23 @@ def test_a_run_with_auto_on_a_cpu_without_bf16_equals_fp32(tiny_config, monkeypa
     auto = run_experiment(load_config(raw | {"train": raw["train"] | {"precision": "auto"}}))
     fp32 = run_experiment(load_config(raw))
     assert auto.test_metrics == fp32.test_metrics
+
+
+def test_a_model_trained_in_bf16_predicts_in_bf16(tiny_config, monkeypatch, fresh_warnings):
+    """TrainedModel.predict (and so evaluate, rank and serve's torch backend) runs in the
+    precision the model was trained in: bf16 predictions differ from the same weights in fp32
+    by bf16 rounding, not more."""
+    import mtlrec
+    from mtlrec.experiment import load_splits
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)  # auto: bf16 here, for the test
+    raw = tiny_config | {"train": tiny_config["train"] | {"epochs": 1, "precision": "auto"}}
+    result = run_experiment(load_config(raw))
+    table = load_splits(result.trained.config).test
+    bf16 = result.trained.predict(table)
+    fp32 = mtlrec.TrainedModel(result.trained.config.model_copy(
+        update={"train": result.trained.config.train.model_copy(update={"precision": "fp32"})}),
+        result.trained.encoder, result.trained.model).predict(table)
+    difference = (bf16 - fp32).abs().to_numpy()
+    assert difference.max() > 0  # the autocast ran
+    assert difference.max() < 0.05 * fp32.abs().to_numpy().max() + 0.05

@@ -382,9 +382,10 @@ def torch_outputs(trained: TrainedModel, schema: Schema, ids: np.ndarray, dense:
     with torch.inference_mode():
         features = encoded_features(schema, torch.from_numpy(ids), torch.from_numpy(dense),
                                     [torch.from_numpy(a) for a in lists])
-        out = trained.model(features)
-        predictions = trained.tasks.predict(trained.calibration(out.logits)).numpy()
-        return predictions, {n: torch.sigmoid(v).numpy() for n, v in out.extra_logits.items()}
+        with trained.autocast():  # the precision it was trained in
+            out = trained.model(features)
+        predictions = trained.tasks.predict(trained.calibration(out.logits.float())).numpy()
+        return predictions, {n: torch.sigmoid(v.float()).numpy() for n, v in out.extra_logits.items()}
 
 
 def _hashed(values, buckets: int, missing: int) -> np.ndarray:

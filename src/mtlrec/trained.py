@@ -25,6 +25,7 @@ from mtlrec.folders import DamagedFolder, partial_folder, publish, verify_manife
 from mtlrec.data.tensors import TensorData
 from mtlrec.tasks import TaskSet
 from mtlrec.train.evaluation import evaluate_logits
+from mtlrec.train.precision import resolve_precision
 
 WEIGHTS, CONFIG, ENCODER = "model.safetensors", "config.yaml", "encoder.json"
 CALIBRATION = "calibration.json"  # the calibrated tasks' maps (numbers only), when the config has any
@@ -61,11 +62,19 @@ class TrainedModel:
         device = next(self.model.parameters()).device
         logits, extras = [], {}
         for b in data.batches(batch_size):
-            out = self.model(b.to(device).features)
-            logits.append(out.logits.cpu())
+            with self.autocast():
+                out = self.model(b.to(device).features)
+            logits.append(out.logits.float().cpu())
             for name, value in out.extra_logits.items():
-                extras.setdefault(name, []).append(value.cpu())
+                extras.setdefault(name, []).append(value.float().cpu())
         return self.calibration(torch.cat(logits)), {name: torch.cat(parts) for name, parts in extras.items()}
+
+    def autocast(self):
+        """The precision the model was trained in (`train.precision`, `auto` resolved for the
+        model's device): a bf16 autocast context, or one that changes nothing (fp32)."""
+        device = next(self.model.parameters()).device
+        bf16 = resolve_precision(self.config.train.precision, device) == "bf16"
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def predict(self, table: pd.DataFrame, batch_size: int = 8192) -> pd.DataFrame:
         """One column per task: probability (binary) or value (regression); a multiclass task
