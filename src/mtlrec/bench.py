@@ -92,13 +92,15 @@ def tuned_configs(config: Experiment, model_names: list[str], trials: int, out_d
     base = config.to_dict()
     del base["tune"]
     root = out_dir / "tune" if out_dir else Path(tempfile.mkdtemp(prefix="mtlrec-tune-"))
+    encoded = encode_splits(config)  # the first seed's split, encoded once for every model's trials
     tuned = {}
     for name in model_names:
         if name == gbdt.NAME:
             log(f"{gbdt.NAME:>14}: not tuned (its options: models.{gbdt.NAME})")
             continue
         log(f"{name:>14}: tuning, {trials} trials")
-        result = run_search(config, trials, root / name, model=name, log=lambda line: log(f"{'':>14}  {line}"))
+        result = run_search(config, trials, root / name, model=name, log=lambda line: log(f"{'':>14}  {line}"),
+                            encoded=encoded)
         tuned[name] = Tuned(searched_config(base, result.best_values, name), result.finished, result.metric,
                             result.best_value, result.best_values)
     return tuned

@@ -43,22 +43,20 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from itertools import accumulate
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from scipy.special import expit
 from torch import Tensor, nn
 
 from mtlrec.data.tensors import TensorData
 from mtlrec.schema import Schema
+from mtlrec.tasks import TaskSet
 from mtlrec.train.evaluation import evaluate_logits
 
 if TYPE_CHECKING:
     from mtlrec.data.source import BatchSource
-    from mtlrec.tasks import TaskSet
     from mtlrec.train.trainer import Trainer
 
 EPS = 1e-6  # isotonic predictions are clipped to [EPS, 1 - EPS]: their logit stays finite
@@ -109,6 +107,8 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None
     """(a, b) minimising sum_i w_i logloss(y_i, sigmoid(a z_i + b)): Newton's method in float64,
     from a = 1, b = 0, each step halved until the loss does not rise. logits, labels (0/1),
     weights: `[n]`. ValueError (naming `task`) when no finite (a, b) minimises it."""
+    from scipy.special import expit  # imported here: not on every `import mtlrec`
+
     z, y, w = _rows(logits, labels, weights, task)
     if np.ptp(z[w > 0]) == 0:
         raise ValueError(f"task {task!r}: Platt scaling cannot be fitted: every validation row has the same logit")
@@ -153,6 +153,7 @@ def fit_isotonic(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | N
     """The isotonic regression of the labels on p = sigmoid(z) (scikit-learn's, with the
     weights), as its knots. logits, labels (0/1), weights: `[n]`. A fit with one knot (every p
     equal) gets a second at x + 1 with the same y, so interpolation always has two."""
+    from scipy.special import expit
     from sklearn.isotonic import IsotonicRegression
 
     z, y, w = _rows(logits, labels, weights, task)
@@ -183,8 +184,7 @@ def _rows(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None,
 
 def logit_columns(schema: Schema) -> dict[str, int]:
     """Each task's first logit column (`TaskSet.slices`), by name."""
-    ends = accumulate(t.kind.width for t in schema.tasks)
-    return {t.name: end - t.kind.width for t, end in zip(schema.tasks, ends)}
+    return {name: columns.start for name, columns in zip(schema.task_names, TaskSet(schema).slices)}
 
 
 def platt(z: Tensor, a: Tensor, b: Tensor) -> Tensor:

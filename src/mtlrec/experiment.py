@@ -159,35 +159,35 @@ def run_experiment(config: Experiment, folder: str | Path | None = None, encoded
                       log_path=work / HISTORY if work else None, checkpoint_dir=work,
                       run_config=config.to_dict(), callbacks=[*callbacks, *tracking.callbacks],
                       ranking=config.rank)
-    with tracking.ending_failed():
+    with tracking.ending_failed():  # a failure anywhere below marks the MLflow run FAILED
         history = trained.history = trainer.fit(train, valid, resume=resume)
         trained.calibration = calibrate(encoder.schema, trainer, valid)  # the identity without calibrated tasks
-    test_metrics, test_rows = {}, None
-    if test is not None:
-        raw_logits, targets = trainer.predict_split(test)
-        logits = trained.calibration(raw_logits)  # raw_logits itself without calibrated tasks
-        test_metrics = trained.test_metrics = evaluate_logits(trained.tasks, logits, targets, config.rank)
-        test_metrics |= trained.calibration.uncalibrated_metrics(trained.tasks, raw_logits, targets)  # in place
-        test_rows = prediction_table(trained.tasks, logits, targets)
-        if "test" in encoded.ids:  # which rows these are: score your own baselines on the same rows
-            test_rows = pd.concat([encoded.ids["test"].reset_index(drop=True), test_rows], axis=1)
-    if trainer.holds_model:  # sharded tables: only rank 0 gathered the trained tables
-        trained.model.cpu()
-    seconds = time.perf_counter() - start
-    parameters = sum(p.numel() for p in trained.model.parameters())
-    if folder is not None and rank == 0:
-        trained.write_files(work)
-        if test_rows is not None:
-            test_rows.to_parquet(work / "test_predictions.parquet", index=False)
-        if encoded.ids:  # the split: every row's source and split
-            pd.concat([ids.assign(split=name) for name, ids in encoded.ids.items()],
-                      ignore_index=True).to_parquet(work / "split.parquet", index=False)
-        summary = {"test": test_metrics, "seconds": seconds, "parameters": parameters, "epochs": len(history),
-                   "hit_epoch_cap": trainer.hit_epoch_cap}
-        (work / METRICS).write_text(json.dumps(summary, indent=2))
-        remove_checkpoint(work)  # the run is finished: nothing left to resume
-        publish(work, folder, overwrite=True)  # checked before training: replacing was allowed
-    tracking.finish(folder)  # MLflow: the model folder as an artifact
+        test_metrics, test_rows = {}, None
+        if test is not None:
+            raw_logits, targets = trainer.predict_split(test)
+            logits = trained.calibration(raw_logits)  # raw_logits itself without calibrated tasks
+            test_metrics = trained.test_metrics = evaluate_logits(trained.tasks, logits, targets, config.rank)
+            test_metrics |= trained.calibration.uncalibrated_metrics(trained.tasks, raw_logits, targets)  # in place
+            test_rows = prediction_table(trained.tasks, logits, targets)
+            if "test" in encoded.ids:  # which rows these are: score your own baselines on the same rows
+                test_rows = pd.concat([encoded.ids["test"].reset_index(drop=True), test_rows], axis=1)
+        if trainer.holds_model:  # sharded tables: only rank 0 gathered the trained tables
+            trained.model.cpu()
+        seconds = time.perf_counter() - start
+        parameters = sum(p.numel() for p in trained.model.parameters())
+        if folder is not None and rank == 0:
+            trained.write_files(work)
+            if test_rows is not None:
+                test_rows.to_parquet(work / "test_predictions.parquet", index=False)
+            if encoded.ids:  # the split: every row's source and split
+                pd.concat([ids.assign(split=name) for name, ids in encoded.ids.items()],
+                          ignore_index=True).to_parquet(work / "split.parquet", index=False)
+            summary = {"test": test_metrics, "seconds": seconds, "parameters": parameters, "epochs": len(history),
+                       "hit_epoch_cap": trainer.hit_epoch_cap}
+            (work / METRICS).write_text(json.dumps(summary, indent=2))
+            remove_checkpoint(work)  # the run is finished: nothing left to resume
+            publish(work, folder, overwrite=True)  # checked before training: replacing was allowed
+        tracking.finish(folder)  # MLflow: the model folder as an artifact
     return RunResult(trained, history, test_metrics, folder, seconds, parameters, trainer.hit_epoch_cap)
 
 
@@ -239,7 +239,7 @@ def encode_splits(config: Experiment, frames: Frames | None = None) -> Encoded:
     group_by = config.rank.group_by  # ranking lists for GAUC / NDCG in the metrics
     with naming_the_split("train", config):
         encoder = Encoder(config.schema).fit(splits.train)
-        train = encoder.transform(splits.train, group_by=group_by)
+        train = encoder.transform(splits.train)  # ranking lists are read in valid and test only
     with naming_the_split("valid", config):
         valid = encoder.transform(splits.valid, group_by=group_by)
     with naming_the_split("test", config):

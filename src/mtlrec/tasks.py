@@ -490,7 +490,7 @@ class Multiclass(TaskKind):
 def higher_is_better(metric: str) -> bool:
     """Direction of a metric named like `auc/click` or `loss`."""
     kind = metric.split("/", 1)[0]
-    if kind == "gauc" or kind.startswith("ndcg@"):  # ranking metrics (rank.group_by)
+    if kind in ("gauc", "combined") or kind.startswith("ndcg@"):  # ranking metrics; early stopping's combined
         return True
     directions = {"loss": False} | {m.name: m.higher_is_better for k in KINDS.values() for m in k.metrics}
     if kind not in directions:

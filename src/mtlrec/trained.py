@@ -61,8 +61,9 @@ class TrainedModel:
         self.model.eval()
         device = next(self.model.parameters()).device
         logits, extras = [], {}
+        autocast = self.autocast()  # resolved once: the precision the model trained in
         for b in data.batches(batch_size):
-            with self.autocast():
+            with autocast:
                 out = self.model(b.to(device).features)
             logits.append(out.logits.float().cpu())
             for name, value in out.extra_logits.items():
@@ -130,7 +131,11 @@ def load(folder: str | Path, device: str = "cpu") -> TrainedModel:
     try:
         load_model(trained.model, str(folder / WEIGHTS), device=device)
     except Exception as err:  # safetensors raises several kinds for a damaged or mismatched file
-        raise DamagedFolder(f"{folder / WEIGHTS} does not fit the model in {CONFIG}: {err}") from None
+        hint = ""
+        if config.model.name == "home" and "task_gate_input" not in config.model.options:
+            hint = ("; a HoME folder saved before task_gate_input existed had its task gates read z_c alone: set "
+                    "model.task_gate_input: group in its config.yaml (and refresh manifest.json's checksum)")
+        raise DamagedFolder(f"{folder / WEIGHTS} does not fit the model in {CONFIG}: {err}{hint}") from None
     trained.model.to(device)
     if trained.calibration.methods or (folder / CALIBRATION).exists():
         try:

@@ -27,6 +27,7 @@ Needs Optuna: `pip install 'mtlrec[tune]'`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -117,12 +118,13 @@ def default_folder(config: Experiment, model: str | None = None) -> Path:
 
 def run_search(config: Experiment, trials: int, out_dir: str | Path, model: str | None = None,
                timeout: float | None = None, overwrite: bool = False, log: Callable[[str], None] = print,
-               note: Callable[[str], None] | None = None) -> SearchResult:
+               note: Callable[[str], None] | None = None, encoded: Encoded | None = None) -> SearchResult:
     """Search `config.tune.space` until the study in `out_dir` holds `trials` finished trials
     (or `timeout` seconds have passed: no trial starts after it); write the best trial's
     config to `out_dir/tune_best.yaml`. `model`: a bench model whose options are searched.
     `overwrite` deletes the study first. One line per trial goes to `log`, notes to `note`
-    (default: stderr)."""
+    (default: stderr). `encoded`: the config's splits already encoded (a bench tuning several
+    models encodes them once); trials never read the test split."""
     note = note or _to_stderr
     if config.tune is None:
         raise ConfigError("the config has no tune section: tune.space names the fields to search")
@@ -158,7 +160,8 @@ def run_search(config: Experiment, trials: int, out_dir: str | Path, model: str 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is ours
     try:
         study = open_study(storage, study_name, metric, base, tune, config.seed, note)
-        encoded = encode_splits(config)  # the encoder depends on the data only: one for every trial
+        # the encoder depends on the data only: one for every trial; the test split stays unread
+        encoded = dataclasses.replace(encoded or encode_splits(config), test=None)
         trial_base = with_field(base, "train.progress", False)  # a line per trial, not per epoch
         combine = config.train.early_stopping.combine
         ran, start = 0, time.monotonic()
@@ -236,7 +239,7 @@ def open_study(storage: Path, name: str, metric: str, base: dict[str, Any], tune
     allowed, with a note. The TPE sampler is seeded with `seed` plus the trials already in the
     study, so a continued search does not draw its first trials again."""
     optuna = import_optuna()
-    direction = "maximize" if metric == COMBINED or higher_is_better(metric) else "minimize"
+    direction = "maximize" if higher_is_better(metric) else "minimize"
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup_trials,
                                           n_warmup_steps=tune.pruner_warmup_epochs + 1)  # steps are epochs, from 1
               if tune.pruner == "median" else optuna.pruners.NopPruner())

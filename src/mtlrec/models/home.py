@@ -213,8 +213,9 @@ class HoMELevel(nn.Module):
         else:
             private = inputs.index_select(0, self.expert_reads)  # [E, B, I]
             experts = self.experts(private * self.feature_gates(private))
-        weights = [gate(torch.cat([inputs[i] for i in reads], dim=-1))  # [B, k*I]: the inputs it reads, side by side
-                   for gate, reads in zip(self.gates, self.gate_reads)]
+        read = {reads: inputs[reads[0]] if len(reads) == 1 else torch.cat([inputs[i] for i in reads], dim=-1)
+                for reads in set(self.gate_reads)}  # [B, k*I]: each input combination once, side by side
+        weights = [gate(read[reads]) for gate, reads in zip(self.gates, self.gate_reads)]
         mix = torch.cat(weights, dim=1) @ self.placement.to(weights[0].dtype)  # [B, outputs * E]
         mix = mix.view(-1, self.num_outputs, self.num_experts).to(experts.dtype)
         return torch.bmm(mix, experts), dict(zip(self.gate_names, weights))

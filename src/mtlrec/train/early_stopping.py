@@ -49,7 +49,7 @@ class EarlyStopping:
         self.metric = metric
         self.patience = patience
         self.min_delta = min_delta
-        self.sign = 1.0 if metric == COMBINED or higher_is_better(metric) else -1.0
+        self.sign = 1.0 if higher_is_better(metric) else -1.0
         self.best: float | None = None
         self.best_state: dict[str, Any] | None = None
         self.best_epoch = 0  # 1-based: the epoch of `best`

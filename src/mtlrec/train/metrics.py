@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn import metrics as sk
 
 
 def auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> float:
@@ -37,7 +36,7 @@ def auc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = Non
     negative = ~labels if weights is None else ~labels & (weights > 0)
     if not positive.any() or not negative.any():
         return math.nan
-    return float(sk.roc_auc_score(labels, scores, sample_weight=weights))
+    return float(_sk().roc_auc_score(labels, scores, sample_weight=weights))
 
 
 def log_loss(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None, eps: float = 1e-7) -> float:
@@ -45,7 +44,7 @@ def log_loss(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None =
     p = np.clip(probs.astype(np.float64), eps, 1 - eps)
     if _no_weight(weights):
         return math.nan
-    return float(sk.log_loss(labels, p, sample_weight=weights, labels=[0, 1]))
+    return float(_sk().log_loss(labels, p, sample_weight=weights, labels=[0, 1]))
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None = None,
@@ -70,13 +69,13 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, weights: n
 def mean_squared_error(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None) -> float:
     if _no_weight(weights):
         return math.nan
-    return float(sk.mean_squared_error(labels, predictions, sample_weight=weights))
+    return float(_sk().mean_squared_error(labels, predictions, sample_weight=weights))
 
 
 def mean_absolute_error(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None) -> float:
     if _no_weight(weights):
         return math.nan
-    return float(sk.mean_absolute_error(labels, predictions, sample_weight=weights))
+    return float(_sk().mean_absolute_error(labels, predictions, sample_weight=weights))
 
 
 def poisson_deviance(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None,
@@ -85,7 +84,7 @@ def poisson_deviance(labels: np.ndarray, predictions: np.ndarray, weights: np.nd
     below eps count as eps."""
     if _no_weight(weights):
         return math.nan
-    return float(sk.mean_poisson_deviance(labels, np.maximum(predictions, eps), sample_weight=weights))
+    return float(_sk().mean_poisson_deviance(labels, np.maximum(predictions, eps), sample_weight=weights))
 
 
 def tweedie_deviance(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None,
@@ -94,13 +93,20 @@ def tweedie_deviance(labels: np.ndarray, predictions: np.ndarray, weights: np.nd
     2 (y^(2-p) / ((1-p)(2-p)) - y mu^(1-p) / (1-p) + mu^(2-p) / (2-p)), mu the prediction."""
     if _no_weight(weights):
         return math.nan
-    return float(sk.mean_tweedie_deviance(labels, np.maximum(predictions, eps), sample_weight=weights, power=power))
+    return float(_sk().mean_tweedie_deviance(labels, np.maximum(predictions, eps), sample_weight=weights, power=power))
 
 
 def mean_squared_error_of_logs(labels: np.ndarray, predictions: np.ndarray, weights: np.ndarray | None = None,
                                eps: float = 1e-300) -> float:
     """Mean (log p - log y)^2 of positive labels and predictions (not log(1 + y))."""
     return _mean((np.log(np.maximum(predictions, eps)) - np.log(labels)) ** 2, weights)
+
+
+def _sk():
+    """scikit-learn's metrics, imported on first use (not when mtlrec is imported: `serve` never needs them)."""
+    from sklearn import metrics
+
+    return metrics
 
 
 def _no_weight(weights: np.ndarray | None) -> bool:

@@ -42,7 +42,6 @@ import torch
 
 from mtlrec.config import Schedule, TrainConfig
 from mtlrec.tasks import higher_is_better
-from mtlrec.train.early_stopping import COMBINED
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,7 @@ class LearningRates:
             if g.schedule.name == "plateau" and not validated:
                 raise ValueError(f"{where}: 'plateau' steps on the validation metric {metric!r}: training needs "
                                  "validation data")
-        sign = 1.0 if metric == COMBINED or higher_is_better(metric) else -1.0
+        sign = 1.0 if higher_is_better(metric) else -1.0
         self.plateaus = [Plateau(g.schedule, sign) if g.schedule.name == "plateau" else None for g in groups]
 
     def set(self, epoch: int, batch: int) -> None:

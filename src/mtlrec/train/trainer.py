@@ -449,13 +449,14 @@ class Trainer:
         widths = (self.tasks.num_logits, len(self.tasks), len(self.tasks), len(self.tasks))
         parts = [torch.cat(x)[:rows] if x else torch.zeros(0, width, device=self.device)
                  for x, width in zip((logits, labels, masks, weights), widths)]
-        if groups:  # ranking lists (rank.group_by): coded within the split, so they gather as they are
-            parts.append(torch.cat(groups)[:rows])
+        ranked = getattr(data, "groups", None) is not None  # the split's, so every process agrees
+        if ranked:  # ranking lists (rank.group_by), coded within the split: they gather as they are
+            parts.append(torch.cat(groups)[:rows] if groups else torch.zeros(0, dtype=torch.long, device=self.device))
         parts = distributed.gather_rows(parts)
         empty = torch.zeros(0, 0)
         return parts[0], TensorData(empty, empty, parts[1], parts[2].bool(),
                                     weights=parts[3] if self.tasks.weighted else None,
-                                    groups=parts[4] if groups else None)
+                                    groups=parts[4] if ranked else None)
 
     def _evaluation_shard(self, data: BatchSource) -> tuple[Shard, int | None]:
         """This process's rows of a split, and how many of the predictions are real. Sharded
