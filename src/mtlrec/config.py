@@ -468,7 +468,9 @@ class Experiment(ConfigBlock):
         tasks = TaskSet(schema)
         create_weighting(self.train.weighting, tasks)  # its options' values, checked against the tasks
         stopping = self.train.early_stopping
-        allowed = self.validation_keys
+        from mtlrec.train.evaluation import validation_keys
+
+        allowed = validation_keys(tasks, self.rank)  # the task set built above
         if stopping.metric not in [*allowed, "combined"]:
             raise ValueError(f"train.early_stopping.metric {stopping.metric!r} is not one of {allowed} or 'combined'")
         unknown = sorted(set(stopping.combine) - set(allowed))
@@ -495,11 +497,10 @@ class Experiment(ConfigBlock):
     @property
     def validation_keys(self) -> list[str]:
         """What early stopping (and a search) may watch: the tasks' losses and metrics, and with
-        `rank.group_by` the ranking metrics (`mtlrec.train.evaluation.ranking_metric_names`)."""
-        from mtlrec.train.evaluation import ranking_metric_names
+        `rank.group_by` the ranking metrics (`mtlrec.train.evaluation.validation_keys`)."""
+        from mtlrec.train.evaluation import validation_keys
 
-        tasks = TaskSet(self.schema)
-        return tasks.validation_keys + ranking_metric_names(tasks, self.rank)
+        return validation_keys(TaskSet(self.schema), self.rank)
 
     @property
     def schema(self) -> Schema:

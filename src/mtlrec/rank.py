@@ -29,8 +29,9 @@ from mtlrec.tasks import kind_of
 EPS = 1e-12
 
 
-def rank_weights(config: RankConfig, schema: Schema) -> dict[str, float]:
-    return dict(config.weights) if config.weights else {t: 1.0 for t in schema.task_names}
+def rank_weights(config: RankConfig, task_names: list[str]) -> dict[str, float]:
+    """w_k by task: `rank.weights`, or 1 for every task when it names none."""
+    return dict(config.weights) if config.weights else {t: 1.0 for t in task_names}
 
 
 def item_factor(values: np.ndarray, transform: str, power: float) -> np.ndarray:
@@ -60,7 +61,7 @@ def fused_score_array(predictions: np.ndarray, task_names: list[str], item_value
     """prod_k p_k^w_k * f(item) per row. predictions `[N, T]`: p_k of each task in `task_names`
     order (`TaskSet.rank_values` of the model's predictions); item_values `[N]` float (NaN:
     missing), needed when the config has `rank.item`."""
-    log_score = task_log_score(predictions, task_names, rank_weights(config, schema))
+    log_score = task_log_score(predictions, task_names, rank_weights(config, schema.task_names))
     if config.item is not None:
         log_score += np.log(item_factor(item_values, config.item.transform, config.item.power))
     return np.exp(log_score)
@@ -87,7 +88,7 @@ def fused_score(predictions: pd.DataFrame, table: pd.DataFrame, config: RankConf
     """prod_k p_k^w_k * f(item) for every row. predictions: as `TrainedModel.predict` gives them
     (one column per task, a multiclass task's one per class); only the weighted tasks' are read."""
     kinds = {t.name: t.kind for t in schema.tasks}
-    names = list(rank_weights(config, schema))
+    names = list(rank_weights(config, schema.task_names))
     values = np.stack([kinds[n].rank_value(predictions[kinds[n].output_names(n)].to_numpy(dtype=np.float64))
                        for n in names], axis=1)
     return fused_score_array(values, names, item_values(table, config), config, schema)
@@ -165,7 +166,7 @@ def rank_table(trained, table: pd.DataFrame, group_by: str, top_k: int
             y = labels[task.name]
             keep = ~np.isnan(y)
             metrics[f"gauc/{task.name}"] = gauc(y[keep], predictions[task.name].to_numpy()[keep], groups[keep])
-    relevance_weights = dict(config.relevance) or rank_weights(config, schema)
+    relevance_weights = dict(config.relevance) or rank_weights(config, schema.task_names)
     missing = [t for t in relevance_weights if t not in labels]
     if missing:
         notes.append(f"ndcg@{top_k} not computed: the relevance sum_k r_k y_k needs the labels of {missing} "

@@ -44,6 +44,12 @@ def evaluate_logits(tasks: TaskSet, logits: Tensor, data: TensorData, ranking: R
     return out
 
 
+def validation_keys(tasks: TaskSet, ranking: RankConfig | None) -> list[str]:
+    """What early stopping (and a search) may watch: the tasks' losses and metrics
+    (`TaskSet.validation_keys`) and, with `ranking.group_by`, the ranking metrics."""
+    return tasks.validation_keys + (ranking_metric_names(tasks, ranking) if ranking is not None else [])
+
+
 def ranking_metric_names(tasks: TaskSet, ranking: RankConfig) -> list[str]:
     """The metrics `ranking_metrics` reports: none without `ranking.group_by`."""
     if ranking.group_by is None:
@@ -58,7 +64,7 @@ def ranking_metrics(tasks: TaskSet, predictions, data: TensorData, ranking: Rank
     (`rank.weights`; the item factor `rank.item` needs the raw item column and is left out
     here), relevance sum_k r_k y_k (`rank.relevance`, a label outside its task's space
     counting 0); `mtlrec.rank.gauc` and `ndcg_at_k`. predictions `[N, L]`."""
-    from mtlrec.rank import gauc, ndcg_at_k, task_log_score
+    from mtlrec.rank import gauc, ndcg_at_k, rank_weights, task_log_score
 
     labels, mask, groups = data.labels.cpu().numpy(), data.mask.cpu().numpy(), data.groups.cpu().numpy()
     out = {}
@@ -66,7 +72,7 @@ def ranking_metrics(tasks: TaskSet, predictions, data: TensorData, ranking: Rank
         if kind.probability and kind.width == 1:
             keep = mask[:, k]
             out[f"gauc/{name}"] = gauc(labels[keep, k], predictions[keep, tasks.slices[k].start], groups[keep])
-    weights = dict(ranking.weights) or {name: 1.0 for name in tasks.names}
+    weights = rank_weights(ranking, tasks.names)
     score = task_log_score(tasks.rank_values(predictions), tasks.names, weights)  # the order is exp's
     relevance = np.zeros(len(labels))
     for name, r in (dict(ranking.relevance) or weights).items():
@@ -97,4 +103,5 @@ def prediction_table(tasks: TaskSet, logits: Tensor, targets: TensorData):
     return pd.DataFrame(columns)
 
 
-__all__ = ["constant_baseline", "evaluate_logits", "prediction_table", "ranking_metric_names", "ranking_metrics"]
+__all__ = ["constant_baseline", "evaluate_logits", "prediction_table", "ranking_metric_names", "ranking_metrics",
+           "validation_keys"]

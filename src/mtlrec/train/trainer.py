@@ -29,7 +29,7 @@ from mtlrec.train.alternating import TaskSchedule
 from mtlrec.train.callbacks import TrainingCallback
 from mtlrec.train.checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mtlrec.train.early_stopping import COMBINED, EarlyStopping, PerTaskStopping, combined_score, task_metric
-from mtlrec.train.evaluation import evaluate_logits, ranking_metric_names
+from mtlrec.train.evaluation import evaluate_logits, validation_keys
 from mtlrec.train.gradients import SharedParameters
 from mtlrec.train.optim import build_optimizers
 from mtlrec.train.precision import resolve_precision
@@ -182,7 +182,7 @@ class Trainer:
         network, each on its own task's metric (`early_stopping.per_task`)."""
         o = config.early_stopping
         if o.per_task and isinstance(self.model, SingleTaskModels) and self.tables is None:  # TorchRec: one stopper
-            keys = self.tasks.validation_keys + (ranking_metric_names(self.tasks, self.ranking) if self.ranking else [])
+            keys = validation_keys(self.tasks, self.ranking)
             return PerTaskStopping([task_metric(o.metric, t, keys) for t in self.tasks.names], o.patience, o.min_delta)
         return EarlyStopping(o.metric, o.patience, o.min_delta)
 
