@@ -55,7 +55,7 @@ def test_figures_and_report(bench):
         assert (out / name).read_bytes()[:8] == PNG
     assert plots.training_curves(out, summary["metrics"], out / "c.png") == [
         "validation auc/y1 (2 seed(s), a line each)", "validation mse/y2 (2 seed(s), a line each)"]
-    assert plots.pareto(summary, out / "p.png") == ["auc/y1 vs mse/y2: better toward the lower right"]
+    assert plots.pareto(summary, out / "p.png") == ["auc/y1 vs mse/y2\nbetter toward the lower right"]
     page = (out / "report.html").read_text()
     # three tables: primary metrics (header + 2 models), paired (header + ple vs single_task), every metric
     assert page.count("<table>") == 3 and page.count("<tr>") == 3 + 2 + 3 and page.count("data:image/png;base64,") == 2

@@ -68,13 +68,14 @@ def pareto(summary: dict, path: Path) -> list[str]:
             colour = model_colour([r["model"] for r in summary["rows"]], row["model"])
             mine = [r for r in runs if r["model"] == row["model"]]
             ax.scatter([r[a] for r in mine], [r[b] for r in mine], s=9, color=colour, alpha=0.5)
-            ax.errorbar(row[a], row[b], xerr=row[f"{a} std"], yerr=row[f"{b} std"], fmt="o", capsize=3, color=colour)
-            ax.annotate(row["model"], (row[a], row[b]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.errorbar(row[a], row[b], xerr=row[f"{a} std"], yerr=row[f"{b} std"], fmt="o", capsize=3, color=colour,
+                        label=row["model"])
+        ax.legend(fontsize=7)  # a legend, not labels at the points: models level with each other overlap
         ax.set_xlabel(f"{a} ({'higher' if higher_is_better(a) else 'lower'} is better)")
         ax.set_ylabel(f"{b} ({'higher' if higher_is_better(b) else 'lower'} is better)")
         ax.xaxis.set_major_locator(MaxNLocator(5))  # metric values near 1 need room
         corner = f"{'upper' if higher_is_better(b) else 'lower'} {'right' if higher_is_better(a) else 'left'}"
-        ax.set_title(f"{a} vs {b}: better toward the {corner}")
+        ax.set_title(f"{a} vs {b}\nbetter toward the {corner}", fontsize=10)
     return _save(fig, path)
 
 
