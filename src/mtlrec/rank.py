@@ -34,6 +34,18 @@ def rank_weights(config: RankConfig, task_names: list[str]) -> dict[str, float]:
     return dict(config.weights) if config.weights else {t: 1.0 for t in task_names}
 
 
+def relevance_weights(config: RankConfig, task_names: list[str]) -> dict[str, float]:
+    """r_k by task, of NDCG's relevance sum_k r_k y_k: `rank.relevance`, else the fused score's w_k."""
+    return dict(config.relevance) or rank_weights(config, task_names)
+
+
+def relevance(weights: dict[str, float], kinds: dict, labels: dict[str, np.ndarray]) -> np.ndarray:
+    """sum_k r_k y_k per row `[N]`: `weights` r_k by task, `kinds` the tasks' `TaskKind` by name,
+    `labels` y_k by task (NaN outside the task's space, counted 0; a multiclass label as its
+    kind ranks it)."""
+    return np.asarray(sum(r * np.nan_to_num(kinds[t].rank_label(labels[t])) for t, r in weights.items()), dtype=float)
+
+
 def item_factor(values: np.ndarray, transform: str, power: float) -> np.ndarray:
     """f(item) per row: transform(value) ** power, floored at EPS before the power; 1 where missing (NaN)."""
     values = np.asarray(values, dtype=np.float64)
@@ -166,14 +178,12 @@ def rank_table(trained, table: pd.DataFrame, group_by: str, top_k: int
             y = labels[task.name]
             keep = ~np.isnan(y)
             metrics[f"gauc/{task.name}"] = gauc(y[keep], predictions[task.name].to_numpy()[keep], groups[keep])
-    relevance_weights = dict(config.relevance) or rank_weights(config, schema.task_names)
-    missing = [t for t in relevance_weights if t not in labels]
+    weights = relevance_weights(config, schema.task_names)
+    missing = [t for t in weights if t not in labels]
     if missing:
         notes.append(f"ndcg@{top_k} not computed: the relevance sum_k r_k y_k needs the labels of {missing} "
                      "(set rank.relevance to the tasks the table labels)")
     else:
         kinds = {t.name: t.kind for t in schema.tasks}
-        relevance = sum(r * np.nan_to_num(kinds[t].rank_label(labels[t]))  # a multiclass label: as ranked
-                        for t, r in relevance_weights.items())
-        metrics[f"ndcg@{top_k}"] = ndcg_at_k(np.asarray(relevance, dtype=float), scored["score"].to_numpy(), groups, top_k)
+        metrics[f"ndcg@{top_k}"] = ndcg_at_k(relevance(weights, kinds, labels), scored["score"].to_numpy(), groups, top_k)
     return top, metrics, notes

@@ -64,7 +64,7 @@ def ranking_metrics(tasks: TaskSet, predictions, data: TensorData, ranking: Rank
     (`rank.weights`; the item factor `rank.item` needs the raw item column and is left out
     here), relevance sum_k r_k y_k (`rank.relevance`, a label outside its task's space
     counting 0); `mtlrec.rank.gauc` and `ndcg_at_k`. predictions `[N, L]`."""
-    from mtlrec.rank import gauc, ndcg_at_k, rank_weights, task_log_score
+    from mtlrec.rank import gauc, ndcg_at_k, rank_weights, relevance, relevance_weights, task_log_score
 
     labels, mask, groups = data.labels.cpu().numpy(), data.mask.cpu().numpy(), data.groups.cpu().numpy()
     out = {}
@@ -74,11 +74,9 @@ def ranking_metrics(tasks: TaskSet, predictions, data: TensorData, ranking: Rank
             out[f"gauc/{name}"] = gauc(labels[keep, k], predictions[keep, tasks.slices[k].start], groups[keep])
     weights = rank_weights(ranking, tasks.names)
     score = task_log_score(tasks.rank_values(predictions), tasks.names, weights)  # the order is exp's
-    relevance = np.zeros(len(labels))
-    for name, r in (dict(ranking.relevance) or weights).items():
-        k = tasks.names.index(name)
-        relevance += r * np.nan_to_num(tasks.kinds[k].rank_label(np.where(mask[:, k], labels[:, k], np.nan)))
-    out[f"ndcg@{ranking.ndcg_k}"] = ndcg_at_k(relevance, score, groups, ranking.ndcg_k)
+    by_task = {name: np.where(mask[:, k], labels[:, k], np.nan) for k, name in enumerate(tasks.names)}
+    rel = relevance(relevance_weights(ranking, tasks.names), dict(zip(tasks.names, tasks.kinds)), by_task)
+    out[f"ndcg@{ranking.ndcg_k}"] = ndcg_at_k(rel, score, groups, ranking.ndcg_k)
     return out
 
 
