@@ -44,8 +44,8 @@ synthetic_low() { data_set synthetic_p0.2 configs/demo.yaml --set data.synthetic
 synthetic_high() { data_set synthetic_p0.9 configs/demo.yaml --set data.synthetic.correlation=0.9; }
 
 if [ "$STREAMS" -ge 2 ]; then
-  (census_income; synthetic_low) &
-  (census_education; synthetic_high) &
+  (census_income; census_education) &
+  (synthetic_low; synthetic_high) &
   wait
 else
   census_income; census_education; synthetic_low; synthetic_high
