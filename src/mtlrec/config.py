@@ -465,6 +465,10 @@ class Experiment(ConfigBlock):
         preset = self.models.get(self.model.name, {})
         if set(preset) - set(self.model.options):  # the model trained is the model `models` describes
             self.model = ModelConfig(name=self.model.name, **{**preset, **self.model.options})
+        from mtlrec.nn.sequence import check_sequence_encoder
+
+        encoder = models.spec(self.model.name).parse(self.model.options).sequence_encoder  # pooling: none's reader
+        check_sequence_encoder(schema, encoder, fused_tables=self.train.fused_tables)
         tasks = TaskSet(schema)
         create_weighting(self.train.weighting, tasks)  # its options' values, checked against the tasks
         stopping = self.train.early_stopping

@@ -73,7 +73,9 @@ class SparseFeature(NamedBlock):
     `multi_valued: true` makes the column a list of categories per row (a Parquet list column,
     a list in a DataFrame cell, or text split at `separator`), embedded element by element
     and pooled into one vector (`pooling`). Features naming one `embedding` table share its
-    parameters and its vocabulary (e.g. `item_id` and `clicked_items`).
+    parameters and its vocabulary (e.g. `item_id` and `clicked_items`). `pooling: none` keeps
+    the list as a sequence for the model's `sequence_encoder` (`mtlrec.nn.sequence`), with
+    `sequence_target` as the candidate it is read against.
     """
 
     name: str
@@ -87,8 +89,12 @@ class SparseFeature(NamedBlock):
     multi_valued: bool = Field(False, description="the column holds a list of categories per row")
     separator: str = Field("|", min_length=1, description="splits a text cell into its list (multi-valued)")
     max_length: PositiveInt | None = Field(None, description="keep only the last max_length elements of a list")
-    pooling: Literal["sum", "mean", "max", "attention"] = Field("mean", description="how a list becomes one vector")
+    pooling: Literal["sum", "mean", "max", "attention", "none"] = Field(
+        "mean", description="how a list becomes one vector; none: kept as a sequence for model.sequence_encoder")
     attention: Attention | None = Field(None, description="the target and MLP of pooling: attention")
+    sequence_target: str | None = Field(
+        None, description="pooling none: a single-valued sparse feature of the same embedding size (e.g. item_id) "
+                          "the sequence encoder reads with the list; null: the list alone")
     weights: str | None = Field(None, description="a list column of the same lengths holding element weights")
     weight_separator: str | None = Field(
         None, min_length=1, description="elements carry their weight inline after this, e.g. ':' in 'drama:0.7'"
@@ -97,7 +103,7 @@ class SparseFeature(NamedBlock):
     @model_validator(mode="after")
     def _check(self) -> SparseFeature:
         listed = {"max_length": self.max_length, "attention": self.attention, "weights": self.weights,
-                  "weight_separator": self.weight_separator}
+                  "weight_separator": self.weight_separator, "sequence_target": self.sequence_target}
         if not self.multi_valued:
             given = sorted(k for k, v in listed.items() if v is not None)
             if given or self.pooling != "mean":
@@ -106,11 +112,14 @@ class SparseFeature(NamedBlock):
             return self
         if (self.pooling == "attention") != (self.attention is not None):
             raise ValueError(f"sparse feature {self.name!r}: pooling: attention and an attention block go together")
-        if self.pooling == "attention" and self.max_length is None:
-            raise ValueError(f"sparse feature {self.name!r}: attention needs max_length (it pads lists to it)")
+        if self.pooling in ("attention", "none") and self.max_length is None:
+            raise ValueError(f"sparse feature {self.name!r}: pooling {self.pooling} needs max_length (it pads lists "
+                             "to it)")
+        if self.sequence_target is not None and self.pooling != "none":
+            raise ValueError(f"sparse feature {self.name!r}: sequence_target is read with pooling: none only")
         if self.weights and self.weight_separator:
             raise ValueError(f"sparse feature {self.name!r}: give element weights as a column or inline, not both")
-        if (self.weights or self.weight_separator) and self.pooling in ("max", "attention"):
+        if (self.weights or self.weight_separator) and self.pooling in ("max", "attention", "none"):
             raise ValueError(f"sparse feature {self.name!r}: element weights work with sum and mean pooling, "
                              f"not {self.pooling}")
         if self.weight_separator == self.separator:
@@ -121,6 +130,11 @@ class SparseFeature(NamedBlock):
     def table(self) -> str:
         """The name of the embedding table the feature reads (its own name unless shared)."""
         return self.embedding or self.name
+
+    @property
+    def target(self) -> str | None:
+        """The single-valued feature a list is read against: its attention target or its sequence_target."""
+        return self.attention.target if self.attention is not None else self.sequence_target
 
 
 class DenseFeature(NamedBlock):
@@ -277,7 +291,7 @@ class Schema(ConfigBlock):
         return order
 
     def _check_tables(self) -> None:
-        """Features sharing a table agree on what the table is; attention targets exist."""
+        """Features sharing a table agree on what the table is; attention and sequence targets exist."""
         by_name = {f.name: f for f in self.sparse}
         first: dict[str, SparseFeature] = {}
         for f in self.sparse:
@@ -286,13 +300,14 @@ class Schema(ConfigBlock):
                 if getattr(f, field) != getattr(other, field):
                     raise ValueError(f"sparse features {other.name!r} and {f.name!r} share table {f.table!r} but "
                                      f"differ in {field} ({getattr(other, field)} vs {getattr(f, field)})")
-            if f.attention is not None:
-                target = by_name.get(f.attention.target)
+            if f.target is not None:
+                what = "attention target" if f.attention is not None else "sequence_target"
+                target = by_name.get(f.target)
                 if target is None or target.multi_valued:
-                    raise ValueError(f"sparse feature {f.name!r}: attention target {f.attention.target!r} must be "
-                                     "a single-valued sparse feature")
+                    raise ValueError(f"sparse feature {f.name!r}: {what} {f.target!r} must be a single-valued sparse "
+                                     "feature")
                 if target.embedding_dim != f.embedding_dim:
-                    raise ValueError(f"sparse feature {f.name!r}: attention target {target.name!r} has embedding_dim "
+                    raise ValueError(f"sparse feature {f.name!r}: {what} {target.name!r} has embedding_dim "
                                      f"{target.embedding_dim}, the list {f.embedding_dim}; they must match")
 
     @property
@@ -304,6 +319,11 @@ class Schema(ConfigBlock):
     def lists(self) -> list[SparseFeature]:
         """The multi-valued sparse features, one `Jagged` each."""
         return [f for f in self.sparse if f.multi_valued]
+
+    @property
+    def sequences(self) -> list[SparseFeature]:
+        """The lists kept as sequences (`pooling: none`), for the model's sequence encoder."""
+        return [f for f in self.lists if f.pooling == "none"]
 
     @property
     def tables(self) -> dict[str, list[SparseFeature]]:

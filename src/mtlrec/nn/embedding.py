@@ -1,4 +1,5 @@
-"""Turns a batch's features (single ids, id lists, dense values) into one input vector per row."""
+"""Turns a batch's features (single ids, id lists, dense values) into one input vector per row,
+and hands on the lists kept as sequences (`pooling: none`) padded, for the sequence encoder."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from mtlrec.data.features import Features
-from mtlrec.nn.pooling import AttentionPooling, pool
+from mtlrec.nn.pooling import AttentionPooling, padded_rows, pool
+from mtlrec.nn.sequence import PaddedSequence
 from mtlrec.schema import Schema
 
 
@@ -25,7 +27,8 @@ class FeatureEmbedding(nn.Module):
     `[B, D]`, one `Jagged` per multi-valued feature.
     Returns: `[B, out_dim]`, out_dim = sum of embedding sizes + D: the single ids' embeddings
     grouped by embedding size (schema order within a size), then the pooled lists (schema
-    order), the dense values last.
+    order), the dense values last. Lists with `pooling: none` are not in it: `sequences`
+    hands them on.
 
     Example:
         >>> import torch
@@ -74,20 +77,24 @@ class FeatureEmbedding(nn.Module):
         singles = [f.name for f in schema.singles]
         self.lists = [(where[f.table], f.pooling) for f in schema.lists]
         by_name = {f.name: f for f in schema.sparse}
-        # attention: (the target's column in ids, the first row of the target's table)
-        self.targets = [(singles.index(f.attention.target), where[by_name[f.attention.target].table][1])
-                        if f.attention else None for f in schema.lists]
+        # attention and sequence targets: (the target's column in ids, the first row of the target's table)
+        self.targets = [(singles.index(f.target), where[by_name[f.target].table][1]) if f.target else None
+                        for f in schema.lists]
+        self.sequence_lists = [(k, f.max_length) for k, f in enumerate(schema.lists) if f.pooling == "none"]
         self.attention = nn.ModuleDict({
             str(k): AttentionPooling(f.embedding_dim, f.max_length, f.attention)
             for k, f in enumerate(schema.lists) if f.attention is not None
         })
-        self.out_dim = sum(f.embedding_dim for f in schema.sparse) + self.num_dense
+        pooled = [f for f in schema.lists if f.pooling != "none"]
+        self.out_dim = sum(f.embedding_dim for f in [*schema.singles, *pooled]) + self.num_dense
         # each feature's output columns in the layout forward returns (for feature_columns), schema order
         layout = [(f.name, f.embedding_dim) for dim in dims for f in schema.singles if f.embedding_dim == dim]
-        layout += [(f.name, f.embedding_dim) for f in schema.lists] + [(f.name, 1) for f in schema.dense]
+        layout += [(f.name, f.embedding_dim) for f in pooled] + [(f.name, 1) for f in schema.dense]
         starts = accumulate((width for _, width in layout), initial=0)
         where = {name: range(start, start + width) for (name, width), start in zip(layout, starts)}
-        self._columns_by_feature: dict[str, range] = {f.name: where[f.name] for f in [*schema.sparse, *schema.dense]}
+        self._columns_by_feature: dict[str, range] = {  # schema order
+            f.name: where[f.name] for f in [*schema.sparse, *schema.dense] if f.name in where}
+        self._sequence_names = [f.name for f in schema.sequences]
 
     def feature_columns(self, names: Sequence[str]) -> Tensor:
         """The output columns (int64 `[sum of the features' widths]`) holding features `names`,
@@ -102,6 +109,10 @@ class FeatureEmbedding(nn.Module):
             >>> FeatureEmbedding(schema).feature_columns(["user", "age"])  # item (size 2) comes first
             tensor([2, 3, 4, 5])
         """
+        sequences = [name for name in names if name in self._sequence_names]
+        if sequences:
+            raise ValueError(f"feature(s) {sequences} have pooling: none: they are sequences, read by the model's "
+                             "sequence_encoder, not columns of the embedded row")
         unknown = [name for name in names if name not in self._columns_by_feature]
         if unknown:
             raise ValueError(f"unknown feature(s) {unknown}; features: {list(self._columns_by_feature)}")
@@ -118,11 +129,51 @@ class FeatureEmbedding(nn.Module):
         for k, (((i, first_row), mode), values) in enumerate(zip(self.lists, lists)):
             table = self.tables[i].weight
             if mode == "attention":
-                column, target_row = self.targets[k]
-                query = table.index_select(0, ids[:, column] + target_row)
+                query = self._target(k, ids)
                 parts.append(self.attention[str(k)](table, values.values + first_row, values, query))
-            else:
+            elif mode != "none":  # none: handed on by `sequences`
                 parts.append(pool(table, values.values + first_row, values.offsets, mode, values.weights))
-        if self.num_dense:
+        if self.num_dense or not parts:  # no part at all (only sequences): dense is [B, 0]
             parts.append(dense)
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def sequences(self, features: Features) -> list[PaddedSequence]:
+        """The lists with `pooling: none`, schema order, each as a `PaddedSequence`: items
+        `[B, max_length, d]` (oldest first, left-aligned, zero rows after the elements), mask
+        `[B, max_length]`, and the embedding `[B, d]` of its sequence_target (or None).
+
+        Example:
+            >>> import torch
+            >>> from mtlrec.data.features import Features, Jagged
+            >>> from mtlrec.schema import Schema, SparseFeature, Task
+            >>> schema = Schema(sparse=[SparseFeature(name="item", vocab_size=90, embedding_dim=4),
+            ...                         SparseFeature(name="seen", embedding="item", vocab_size=90, embedding_dim=4,
+            ...                                       multi_valued=True, max_length=3, pooling="none",
+            ...                                       sequence_target="item")], tasks=[Task(name="click")])
+            >>> embed = FeatureEmbedding(schema)
+            >>> batch = Features(torch.tensor([[7], [9]]), torch.zeros(2, 0), (Jagged.from_lists([[7, 8], []]),))
+            >>> embed(batch).shape  # the list is not in the row
+            torch.Size([2, 4])
+            >>> (seen,) = embed.sequences(batch)
+            >>> seen.items.shape, seen.mask.tolist()
+            (torch.Size([2, 3, 4]), [[True, True, False], [False, False, False]])
+            >>> table = embed.tables[0].weight
+            >>> torch.equal(seen.items[0, 1], table[8]), torch.equal(seen.target[1], table[9])
+            (True, True)
+        """
+        ids, _, lists = features
+        out = []
+        for k, length in self.sequence_lists:
+            (i, first_row), _ = self.lists[k]
+            table = self.tables[i].weight
+            items, mask = padded_rows(table, lists[k].values + first_row, lists[k], length)
+            out.append(PaddedSequence(items, mask, self._target(k, ids)))
+        return out
+
+    def _target(self, k: int, ids: Tensor) -> Tensor | None:
+        """`[B, d]`: the embedding of list k's target (attention or sequence_target), or None.
+        The target has the list's embedding size, so it lives in the list's parameter."""
+        if self.targets[k] is None:
+            return None
+        column, target_row = self.targets[k]
+        return self.tables[self.lists[k][0][0]].weight.index_select(0, ids[:, column] + target_row)

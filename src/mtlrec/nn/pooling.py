@@ -3,7 +3,8 @@
 Sum, mean and max run as one embedding-bag kernel over the list offsets (no padding, no
 loop over rows). An empty list pools to the zero vector (for every pooling, attention
 included). With element weights, sum is sum_i w_i e_i and mean is sum_i w_i e_i / sum_i w_i
-(zero where the weights sum to zero).
+(zero where the weights sum to zero). Attention, and the lists kept as sequences
+(`pooling: none`, `mtlrec.nn.sequence`), pad each list to a rectangle (`padded_rows`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,26 @@ def pool(table: Tensor, ids: Tensor, offsets: Tensor, mode: str, weights: Tensor
     return pooled * (nonzero / torch.where(nonzero, totals, 1.0))[:, None]
 
 
+def padded_rows(table: Tensor, ids: Tensor, lists: Jagged, length: int) -> tuple[Tensor, Tensor]:
+    """(`[N, L, d]` rows, `[N, L]` bool mask), L = `length`: row i's list's table rows in its
+    first slots, in list order, zero rows after them (left-aligned, padded at the end); mask
+    marks the list's elements. table `[R, d]`, ids `[V]` (the rows of `lists.values`). Lists
+    arrive cut to their last max_length elements (the encoder and the export cut them).
+
+    Example:
+        >>> import torch
+        >>> table = torch.arange(6.0).view(3, 2)
+        >>> rows, mask = padded_rows(table, torch.tensor([2, 1, 0]), Jagged.from_lists([[2, 1], [], [0]]), 2)
+        >>> rows.tolist()
+        [[[4.0, 5.0], [2.0, 3.0]], [[0.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 0.0]]]
+        >>> mask.tolist()
+        [[True, True], [False, False], [True, False]]
+    """
+    positions, mask = lists.padded(length)
+    rows = torch.cat([table.index_select(0, ids), table.new_zeros(1, table.shape[1])])  # [V + 1, d]: padding last
+    return rows.index_select(0, positions.reshape(-1)).view(*positions.shape, -1), mask
+
+
 class TargetAttention(nn.Module):
     """DIN's activation unit (Zhou et al., KDD 2018, section 4.3): the score of a list element
     k against the target q is `MLP([q, k, q - k, q * k])` (hidden layers with PReLU, one
@@ -78,10 +99,8 @@ class AttentionPooling(nn.Module):
         self.attention = TargetAttention(dim, options)
 
     def forward(self, table: Tensor, ids: Tensor, lists: Jagged, query: Tensor) -> Tensor:
-        positions, mask = lists.padded(self.length)
-        rows = torch.cat([table.index_select(0, ids), table.new_zeros(1, table.shape[1])])  # [V + 1, d]
-        keys = rows.index_select(0, positions.reshape(-1)).view(*positions.shape, -1)
+        keys, mask = padded_rows(table, ids, lists, self.length)
         return self.attention(query, keys, mask)
 
 
-__all__ = ["AttentionPooling", "TargetAttention", "pool"]
+__all__ = ["AttentionPooling", "TargetAttention", "padded_rows", "pool"]
