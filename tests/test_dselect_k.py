@@ -140,7 +140,7 @@ def test_model_equals_the_paper(per_example, gate_hidden, num_experts, k):
     z = all_z(model, x).abs()
     assert (z < gamma / 2).any() and (z > gamma / 2).any()  # both regimes of S are exercised
     experts = [plain_mlp(x, bb.experts.expert_layers(e)) for e in range(num_experts)]
-    reps, gates, _ = bb(x)
+    reps, gates, _, _ = bb(x)
     expected_reps = []
     for t, gate in enumerate(bb.gates):
         q = torch.tensor([row[0] for row in plain_gate(gate, x, gamma)], dtype=torch.float64)  # [B, n]

@@ -73,7 +73,7 @@ def test_mmoe_equals_the_paper(gate_hidden):
     level = model.backbone.level
     experts = [plain_mlp(x, level.experts.expert_layers(i)) for i in range(5)]
     expected = torch.stack([mix(plain_gate(x, level.gates[k]), experts) for k in range(3)], dim=1)
-    reps, gates, _ = model.backbone(x)
+    reps, gates, _, _ = model.backbone(x)
     torch.testing.assert_close(reps, expected, atol=TOL, rtol=0)
     assert sorted(gates) == ["gate/t0", "gate/t1", "gate/t2"]
 
@@ -103,7 +103,7 @@ def test_shared_bottom_and_single_task():
 
 def test_gates_are_distributions_of_the_right_size():
     model, x = build("ple", 3, num_levels=3, task_experts=[1, 2, 3], shared_experts=2, expert_hidden=[4])
-    _, gates, _ = model.backbone(x)
+    _, gates, _, _ = model.backbone(x)
     expected = {}
     for level in (1, 2, 3):
         expected |= {f"level{level}/t{k}": m + 2 for k, m in enumerate([1, 2, 3])}

@@ -128,7 +128,7 @@ def test_home_equals_the_paper(switches, groups, counts, gate_hidden):
     o = TRICKS | switches
     model, x = build(task_groups=groups, expert_hidden=[6, 4], gate_hidden=gate_hidden, feature_gate_rank=3,
                      **counts, **switches)
-    reps, gates, _ = model.backbone(x)
+    reps, gates, _, _ = model.backbone(x)
     expected = plain_home(model.backbone, x, groups or [["a", "b", "c"]], counts, o)
     torch.testing.assert_close(reps, expected, atol=TOL, rtol=0)
     assert (model.backbone.meta is not None) == o["hierarchy"]
@@ -150,7 +150,7 @@ def test_evaluation_uses_the_running_statistics():
 def test_gates_name_their_experts_and_are_distributions():
     model, x = build(task_groups=[["a"], ["b", "c"]], **COUNTS | {"task_experts": 2})
     bb = model.backbone
-    _, gates, _ = bb(x)
+    _, gates, _, _ = bb(x)
     assert set(gates) == set(bb.gate_experts)
     assert bb.gate_experts["meta/group1"] == ["meta/group1/0", "meta/shared/0", "meta/shared/1"]
     assert bb.gate_experts["meta/shared"] == ["meta/group0/0", "meta/group1/0", "meta/shared/0", "meta/shared/1"]

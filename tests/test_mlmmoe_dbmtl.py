@@ -59,7 +59,7 @@ def test_ml_mmoe_equals_its_definition(levels, num_experts, expert_hidden, n_tas
     tasks = tuple(f"t{k}" for k in range(n_tasks))
     model, x = build("ml_mmoe", tasks=tasks, num_levels=levels, num_experts=num_experts,
                      expert_hidden=expert_hidden, gate_hidden=gate_hidden, tower_hidden=[3])
-    reps, gates, _ = model.backbone(x)
+    reps, gates, _, _ = model.backbone(x)
     expected, expected_gates = plain_ml_mmoe(model.backbone, x, n_tasks)
     torch.testing.assert_close(reps, expected, atol=TOL, rtol=0)
     assert list(gates) == list(expected_gates)
@@ -78,13 +78,13 @@ def test_ml_mmoe_with_one_level_is_mmoe():
     level = ml.backbone.levels[0]
     experts = [mlp(x, level.experts.expert_layers(i)) for i in range(4)]
     expected = torch.stack([mix(plain_gate(x, level.gates[k]), experts) for k in range(3)], dim=1)
-    reps, gates, _ = ml.backbone(x)
+    reps, gates, _, _ = ml.backbone(x)
     torch.testing.assert_close(reps, expected, atol=TOL, rtol=0)
 
     mmoe, _ = build("mmoe", tasks=("a", "b", "c"), **options)
     mmoe.backbone.level.load_state_dict(level.state_dict())
     mmoe.towers.load_state_dict(ml.towers.state_dict())
-    mmoe_reps, mmoe_gates, _ = mmoe.backbone(x)
+    mmoe_reps, mmoe_gates, _, _ = mmoe.backbone(x)
     torch.testing.assert_close(reps, mmoe_reps, atol=TOL, rtol=0)
     for task in "abc":
         torch.testing.assert_close(gates[f"level1/{task}"], mmoe_gates[f"gate/{task}"], atol=TOL, rtol=0)

@@ -95,7 +95,7 @@ def randomise_bias(model):
 def test_routed_mmoe_equals_the_paper(gate_hidden, renormalise, always_on):
     model, x = build("mmoe", 3, num_experts=6, expert_hidden=[7, 4], gate_hidden=gate_hidden, top_k=2,
                      renormalise=renormalise, always_on_experts=always_on)
-    reps, gates, penalty = model.backbone(x)
+    reps, gates, penalty, _ = model.backbone(x)
     torch.testing.assert_close(reps, plain_routed(model.backbone, x, [0, 0, 0], 6, 2, renormalise), atol=TOL, rtol=0)
     assert penalty is None
     for g in gates.values():  # what `analyze` reads: the kept weights over the routed experts

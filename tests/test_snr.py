@@ -78,7 +78,7 @@ def test_sampled_codes_and_outputs_equal_the_paper(name, extra, num_layers, subn
     model, x = build(name, tasks, num_layers=num_layers, subnetworks=subnetworks, expert_hidden=expert_hidden, **extra)
     bb = model.backbone
     noise = [torch.rand(r.codes.log_alpha.shape, dtype=torch.float64) for r in bb.routes]
-    reps, gates, _ = bb(x, noise)
+    reps, gates, _, _ = bb(x, noise)
     codes = [plain_sampled_z(r.codes.log_alpha.detach(), n) for r, n in zip(bb.routes, noise)]
     expected = plain_snr(bb, x, codes, trans=name == "snr_trans")
     torch.testing.assert_close(reps, expected, atol=TOL, rtol=0)

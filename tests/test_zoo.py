@@ -86,7 +86,7 @@ def test_adatt_equals_the_paper(levels, counts, shared):
         for level in model.backbone.levels:
             for v in level.native:
                 v.add_(torch.randn_like(v))  # native weights away from their start
-    reps, gates, _ = model.backbone(x)
+    reps, gates, _, _ = model.backbone(x)
     torch.testing.assert_close(reps, plain_adatt(model.backbone, x, counts, shared), atol=TOL, rtol=0)
     assert gates["level1/a"].shape[1] == sum(counts) + shared  # every expert of the level
     assert ("level1/shared" in gates) == (shared > 0 and levels > 1)

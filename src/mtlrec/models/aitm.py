@@ -54,7 +54,12 @@ class AITM(MultiTaskModel):
 
     Options (`AITMOptions`): calibration, alpha, the calibrator's weight (0 turns it off);
     and those of the backbone (one MLP per task) and the towers.
+
+    No shared representation Z: the transfer layers, which later tasks share, read the tasks'
+    outputs, so no one tensor has every shared parameter upstream of it.
     """
+
+    has_representation = False
 
     def __init__(self, schema: Schema, backbone: type[Backbone], options: AITMOptions):
         if len(schema.tasks) < 2 or not all(kind_of(t.type).probability for t in schema.tasks):
@@ -69,7 +74,8 @@ class AITM(MultiTaskModel):
         self.ait = nn.ModuleList(AdaptiveInformationTransfer(h, h) for _ in schema.tasks[1:])
 
     def forward(self, features: Features) -> ModelOutput:
-        q, gates, _ = self.backbone(self.embedding(features))  # [B, T, H]; its backbone has no penalty
+        out = self.backbone(self.inputs(features))  # its backbone has no penalty
+        q, gates = out.task_reps, out.gates  # q [B, T, H]
         z = [q[:, 0]]
         for t in range(1, q.shape[1]):
             z.append(self.ait[t - 1](self.transfers[t - 1](z[-1]), q[:, t]))

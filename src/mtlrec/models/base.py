@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from mtlrec.data.features import Features
 from mtlrec.nn import MLP, FeatureEmbedding
+from mtlrec.nn.sequence import sequence_encoders
 from mtlrec.schema import Schema
 from mtlrec.train.gradients import SharedParameters
 
@@ -22,9 +23,17 @@ if TYPE_CHECKING:
 
 
 class BackboneOutput(NamedTuple):
+    """What a backbone returns. `representation` is Z, the backbone's shared representation:
+    the last tensor every task reads, with the shared parameters upstream of it
+    (`Backbone.has_representation` says whether a backbone gives one; each backbone's
+    docstring says which tensor it is). Its shape is the backbone's own (`[B, H]`,
+    `[B, E, H]`, ...): gradient methods with `on: representation` take the task gradients on
+    it (`mtlrec.losses.weighting.base`)."""
+
     task_reps: Tensor  # [B, T, H]
     gates: dict[str, Tensor]  # gate name -> [B, experts the gate mixes]
     penalty: Tensor | None = None  # the backbone's own loss term (load balance, sparsity), added to the training loss
+    representation: Tensor | None = None  # Z [B, ...]; None: the backbone names none
 
 
 class ModelOutput(NamedTuple):
@@ -32,6 +41,7 @@ class ModelOutput(NamedTuple):
     gates: dict[str, Tensor]
     extra_logits: dict[str, Tensor] = {}  # more predictions by name, e.g. ESMM's pCVR: name -> [B]
     penalty: Tensor | None = None  # a model's own loss term, added to the training loss (AITM)
+    representation: Tensor | None = None  # Z, the backbone's shared representation (`BackboneOutput`); None: none
 
 
 class Backbone(nn.Module):
@@ -43,10 +53,13 @@ class Backbone(nn.Module):
     `task_modules(k)` lists the modules only task k uses (its gates), for alternating training;
     `task_slices(k)` the entries of fused tensors only task k uses (its own experts in a bank
     shared with other experts), which gradient methods leave out of the shared parameters.
+    `has_representation`: whether `forward` gives the shared representation Z
+    (`BackboneOutput.representation`); False by default.
     """
 
     out_dim: int
     gate_experts: dict[str, list[str]] = {}
+    has_representation: bool = False
 
     def task_modules(self, task: int) -> list[nn.Module]:
         return []
@@ -86,7 +99,9 @@ class MultiTaskModel(nn.Module):
     def __init__(self, schema: Schema, backbone: type[Backbone], options: ModelOptions):
         super().__init__()
         self.embedding = FeatureEmbedding(schema)
-        self.backbone = backbone(self.embedding.out_dim, schema.task_names, options)
+        self.sequence_encoders = sequence_encoders(schema, options.sequence_encoder)  # one per pooling: none list
+        self.input_dim = self.embedding.out_dim + sum(encoder.out_dim for encoder in self.sequence_encoders)
+        self.backbone = backbone(self.input_dim, schema.task_names, options)
         self.towers = nn.ModuleList(
             MLP(self.backbone.out_dim, options.tower_hidden, output_dim=task.kind.width,
                 activation=options.activation, dropout=options.tower_dropout)
@@ -94,8 +109,24 @@ class MultiTaskModel(nn.Module):
         )
 
     def forward(self, features: Features) -> ModelOutput:
-        reps, gates, penalty = self.backbone(self.embedding(features))
-        return ModelOutput(self.tower_logits(reps), gates, penalty=penalty)
+        out = self.backbone(self.inputs(features))
+        return ModelOutput(self.tower_logits(out.task_reps), out.gates, penalty=out.penalty,
+                           representation=out.representation)
+
+    def inputs(self, features: Features, embedding: FeatureEmbedding | None = None) -> Tensor:
+        """x `[B, input_dim]`, what the backbone reads: the embedded row (`embedding`, default the
+        model's own), then each `pooling: none` list encoded by its sequence encoder."""
+        embedding = self.embedding if embedding is None else embedding
+        x = embedding(features)
+        if not self.sequence_encoders:
+            return x
+        encoded = [encoder(s) for encoder, s in zip(self.sequence_encoders, embedding.sequences(features))]
+        return torch.cat([x, *encoded], dim=1)
+
+    @property
+    def has_representation(self) -> bool:
+        """Whether `forward` gives the backbone's shared representation Z (`ModelOutput.representation`)."""
+        return self.backbone.has_representation
 
     def tower_logits(self, reps: Tensor) -> Tensor:
         """`[B, T, H]` task representations -> `[B, L]` logits, tower k reading reps[:, k]."""

@@ -181,7 +181,8 @@ class DBMTL(MultiTaskModel):
         self.towers = nn.ModuleList(towers)  # in place of the plain towers MultiTaskModel builds
 
     def forward(self, features: Features) -> ModelOutput:
-        reps, gates, penalty = self.backbone(self.embedding(features))
+        out = self.backbone(self.inputs(features))
+        reps, gates, penalty = out.task_reps, out.gates, out.penalty
         relation: dict[int, Tensor] = {}  # task -> r_k, filled parents first
         logits: dict[int, Tensor] = {}
         for k in self.order:

@@ -209,13 +209,17 @@ class DSelectK(Backbone):
     experts; gate_hidden, an MLP before the per-example gate's linear z and alpha (empty: the
     paper's linear gate).
 
+    Shared representation Z: the experts' outputs `[B, E, H]`, as MMoE's.
+
     Example:
         >>> import torch
         >>> backbone = DSelectK(6, ["click", "like"], DSelectKOptions(num_experts=5, k=2, expert_hidden=[8]))
-        >>> reps, gates, penalty = backbone(torch.randn(3, 6))
-        >>> reps.shape, gates["gate/like"].shape, penalty.dim()
+        >>> out = backbone(torch.randn(3, 6))
+        >>> out.task_reps.shape, out.gates["gate/like"].shape, out.penalty.dim()
         (torch.Size([3, 2, 8]), torch.Size([3, 5]), 0)
     """
+
+    has_representation = True
 
     def __init__(self, in_dim: int, task_names: Sequence[str], options: DSelectKOptions):
         super().__init__()
@@ -234,7 +238,7 @@ class DSelectK(Backbone):
         return [self.gates[task]]
 
     def forward(self, x: Tensor) -> BackboneOutput:
-        experts = self.experts(x)  # [B, E, H]
+        experts = self.experts(x)  # [B, E, H]: Z
         selections = [gate(x) for gate in self.gates]
         weights = [s.weights for s in selections]
         mixed = torch.bmm(torch.stack(weights, dim=1).to(experts.dtype), experts)  # [B, T, H]
@@ -242,4 +246,4 @@ class DSelectK(Backbone):
         if self.training:
             terms = [p for gate, s in zip(self.gates, selections) if (p := gate.penalty(s.selectors)) is not None]
             penalty = torch.stack(terms).sum() if terms else None
-        return BackboneOutput(mixed, dict(zip(self.gate_names, weights)), penalty)
+        return BackboneOutput(mixed, dict(zip(self.gate_names, weights)), penalty, representation=experts)

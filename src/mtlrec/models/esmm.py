@@ -41,7 +41,7 @@ class ESMM(MultiTaskModel):
         super().__init__(schema, backbone, options)
 
     def forward(self, features: Features) -> ModelOutput:
-        reps, gates, _ = self.backbone(self.embedding(features))  # its backbone has no penalty
-        ctr, cvr = self.tower_logits(reps).unbind(1)
+        out = self.backbone(self.inputs(features))  # its backbone has no penalty
+        ctr, cvr = self.tower_logits(out.task_reps).unbind(1)
         logits = torch.stack([ctr, product_logit(ctr, cvr)], dim=1)
-        return ModelOutput(logits, gates, {"cvr": cvr})
+        return ModelOutput(logits, out.gates, {"cvr": cvr}, representation=out.representation)  # Z: the input x

@@ -96,10 +96,16 @@ class RoutedMoEOptions(MoEOptions):
 class OMoE(Backbone):
     """One-gate mixture of experts: x `[B, I]` -> the same mixture for every task `[B, T, H]`.
 
+    Shared representation Z: the gate's mixture `[B, 1, H]`, which every tower reads; the
+    experts, the gate (shared by all tasks) and the embedding are upstream of it and every
+    path to a loss passes through it.
+
     Options (`OMoEOptions`): num_experts E; expert_hidden, each expert's layer sizes;
     gate_hidden, the gate's hidden layers (empty: a linear gate, as in the paper);
     activation, dropout, batch_norm of the experts.
     """
+
+    has_representation = True
 
     def __init__(self, in_dim: int, task_names: Sequence[str], options: OMoEOptions):
         super().__init__()
@@ -114,7 +120,7 @@ class OMoE(Backbone):
         experts = self.experts(x)  # [B, E, H]
         weights = self.gate(x)  # [B, E]
         mixed = torch.bmm(weights.unsqueeze(1), experts)  # [B, 1, H]
-        return BackboneOutput(mixed.expand(-1, self.num_tasks, -1), {"gate": weights})
+        return BackboneOutput(mixed.expand(-1, self.num_tasks, -1), {"gate": weights}, representation=mixed)
 
 
 @register_model("routed_moe", RoutedMoEOptions, "MMoE with DeepSeekMoE routing: each gate keeps its top-k of many "
@@ -124,6 +130,11 @@ class MMoE(Backbone):
     """Multi-gate mixture of experts: x `[B, I]` -> one mixture per task `[B, T, H]`.
 
     The same computation as one CGC level without task-specific experts, and built as one.
+    Shared representation Z: the experts' outputs `[B, E, H]` (with always-on experts, their
+    sum joins as one more row: `[B, E + 1, H]`), which every gate mixes. The per-task
+    mixtures are not a Z (each task reads only its own). The gates are task-owned, but they
+    read x, so the embedding also reaches the losses around Z, through the gates. With
+    `dispatch: sparse` the experts' outputs are never formed densely: no Z.
     Options (`MoEOptions`): as OMoE, and the routing options (`RoutingOptions`): top_k, each
     gate's kept experts among the num_experts (None: all, the paper's dense gate);
     always_on_experts, added with weight 1 to every task's mixture; renormalise; balance
@@ -149,6 +160,7 @@ class MMoE(Backbone):
         self.out_dim = self.level.out_dim
         self.gate_experts = self.level.gate_experts
         self.gate_top_k = self.level.gate_top_k
+        self.has_representation = self.level.has_representation
 
     def task_modules(self, task: int) -> list[nn.Module]:
         return self.level.task_modules(task)
@@ -158,4 +170,4 @@ class MMoE(Backbone):
 
     def forward(self, x: Tensor) -> BackboneOutput:
         out = self.level(x)
-        return BackboneOutput(out.task_reps, out.gates, out.penalty)
+        return BackboneOutput(out.task_reps, out.gates, out.penalty, out.representation)

@@ -134,7 +134,8 @@ def columns_of(embedding: FeatureEmbedding, names: list[str], option: str) -> Te
 @register_model("pepnet", PEPNetOptions, "embedding and tower layers scaled per row by gates over domain and "
                 "prior features (Chang et al. 2023)", backbone=SharedBottom)
 class PEPNet(MultiTaskModel):
-    """E = embedding(features) `[B, I]` -> O_ep = EPNet(E) (E itself without domain features)
+    """E = the model's input `[B, I]` (`MultiTaskModel.inputs`: the embedded row, then any encoded
+    sequence) -> O_ep = EPNet(E) (E itself without domain features)
     -> the shared layers `hidden` (none by default, as in the paper) -> one tower per task,
     every Linear layer of tower k reading its input scaled by PPNet's part k. Logits `[B, L]`.
     `gates` is empty: the Gate NUs scale units, they do not mix experts. PPNet's gates serve
@@ -163,10 +164,12 @@ class PEPNet(MultiTaskModel):
         torch.Size([2, 2])
     """
 
+    has_representation = False  # PPNet's gates, shared, scale the towers: they reach the losses around any Z
+
     def __init__(self, schema: Schema, backbone: type[Backbone], options: PEPNetOptions):
         super().__init__(schema, backbone, options)
         o = options
-        width = self.embedding.out_dim
+        width = self.input_dim  # the embedded row, then any encoded sequences
         domain = columns_of(self.embedding, o.domain_features, "domain_features")
         prior = columns_of(self.embedding, o.prior_features, "prior_features")
         self.epnet = EPNet(width, domain, o.gate_hidden, o.gamma) if o.domain_features else None
@@ -174,9 +177,9 @@ class PEPNet(MultiTaskModel):
         self.ppnet = PPNet(width, prior, widths, len(schema.tasks), o.gate_hidden, o.gamma)
 
     def forward(self, features: Features) -> ModelOutput:
-        e = self.embedding(features)
+        e = self.inputs(features)
         o_ep = self.epnet(e) if self.epnet is not None else e
-        reps, _, _ = self.backbone(o_ep)  # shared layers: no gates, no penalty
+        reps = self.backbone(o_ep).task_reps  # shared layers: no gates, no penalty
         scales = self.ppnet(e, o_ep)
         logits = [personalized_tower(tower, reps[:, k], [s[:, k] for s in scales])
                   for k, tower in enumerate(self.towers)]

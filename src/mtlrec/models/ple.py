@@ -73,6 +73,12 @@ class PLE(Backbone):
     mixes (None: all); always_on_experts per level; renormalise; balance (none, aux_loss,
     bias) with balance_weight or bias_step; dispatch (dense or sparse).
 
+    Shared representation Z: the last level's shared experts' outputs `[B, m_s, H]` (with
+    always-on experts, their sum as one more row), which every task's gate mixes. Paths
+    through the last level's task experts and gates reach the losses around Z: in CGC the
+    embedding reaches them so, in PLE also the lower levels. With `dispatch: sparse`, or
+    without shared and always-on experts, there is no Z.
+
     Example:
         >>> import torch
         >>> options = PLEOptions(num_levels=2, task_experts=3, shared_experts=2, expert_hidden=[4],
@@ -115,6 +121,9 @@ class PLE(Backbone):
         self.out_dim = width
         self.gate_experts = {g: e for level in self.levels for g, e in level.gate_experts.items()}
         self.gate_top_k = {g: k for level in self.levels for g, k in level.gate_top_k.items()}
+        for level in self.levels[:-1]:  # Z is the last level's: the others need not form theirs
+            level.has_representation = False
+        self.has_representation = self.levels[-1].has_representation
 
     def task_modules(self, task: int) -> list[nn.Module]:
         return [m for level in self.levels for m in level.task_modules(task)]
@@ -129,13 +138,14 @@ class PLE(Backbone):
         gates: dict[str, Tensor] = {}
         penalty = None
         for level in self.levels:
-            task_reps, shared, level_gates, level_penalty = level(x)
-            gates.update(level_gates)
-            if level_penalty is not None:
-                penalty = level_penalty if penalty is None else penalty + level_penalty
-            inputs = task_reps if shared is None else torch.cat([task_reps, shared.unsqueeze(1)], dim=1)
+            out = level(x)
+            gates.update(out.gates)
+            if out.penalty is not None:
+                penalty = out.penalty if penalty is None else penalty + out.penalty
+            reps = out.task_reps
+            inputs = reps if out.shared is None else torch.cat([reps, out.shared.unsqueeze(1)], dim=1)
             x = inputs.transpose(0, 1)  # [T(+1), B, H]: the next level's inputs
-        return BackboneOutput(task_reps, gates, penalty)
+        return BackboneOutput(out.task_reps, gates, penalty, out.representation)  # Z: the last level's
 
 
 @register_model("adatt", AdaTTOptions, "task expert levels, each task fusing all experts plus its own native ones "
@@ -148,6 +158,9 @@ class AdaTT(PLE):
     g_t = softmax over all experts, v_t a learned weight per native expert of task t (starting
     at 1/m_t). With `shared_experts` = 0 this is the paper's AdaTT-sp; with shared experts a
     shared gate over all experts feeds them on the next level (every level but the last).
+
+    Shared representation Z: every expert's output on the last level `[B, E, H]` (every task's
+    gate mixes them all).
 
     Options (`AdaTTOptions`): as PLE, with `task_experts` at least 1 per task, without routing.
     """

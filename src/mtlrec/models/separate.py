@@ -24,9 +24,14 @@ from mtlrec.nn import MLP, activation_layer
 class SeparateBottoms(Backbone):
     """x `[B, I]` -> `[B, T, H]`, task k's representation from its own MLP f_k.
 
+    Shared representation Z: x `[B, I]` itself, the embedding's output: the embedding is all
+    the tasks share, and every task reads x.
+
     Options (`MLPOptions`): hidden, the layer sizes of each task's MLP; activation, dropout,
     batch_norm of the MLPs.
     """
+
+    has_representation = True
 
     def __init__(self, in_dim: int, task_names: Sequence[str], options: MLPOptions):
         super().__init__()
@@ -42,7 +47,7 @@ class SeparateBottoms(Backbone):
         return [self.bottoms[task]]
 
     def forward(self, x: Tensor) -> BackboneOutput:
-        return BackboneOutput(torch.stack([f(x) for f in self.bottoms], dim=1), {})
+        return BackboneOutput(torch.stack([f(x) for f in self.bottoms], dim=1), {}, representation=x)
 
 
 class AsymmetricOptions(MLPOptions):
@@ -54,6 +59,9 @@ class AsymmetricOptions(MLPOptions):
 class AsymmetricSharing(SeparateBottoms):
     """x `[B, I]` -> `[B, T, H]`: every task but `source` also reads the source task's
     bottom output, detached.
+
+    Shared representation Z: x, as SeparateBottoms (the source's output reaches the others
+    detached: no gradient).
 
     Options (`AsymmetricOptions`): source, the task whose representation the others read
     (default: the first task); the rest as SeparateBottoms.
@@ -81,4 +89,4 @@ class AsymmetricSharing(SeparateBottoms):
         own = [f(x) for f in self.bottoms]
         read = own[self.source].detach()
         reps = [h if k == self.source else self.fuse[k](torch.cat([h, read], dim=1)) for k, h in enumerate(own)]
-        return BackboneOutput(torch.stack(reps, dim=1), {})
+        return BackboneOutput(torch.stack(reps, dim=1), {}, representation=x)

@@ -21,9 +21,14 @@ from mtlrec.nn import MLP
 class SharedBottom(Backbone):
     """x `[B, I]` -> h = MLP(x) `[B, H]`, repeated for every task -> `[B, T, H]`.
 
+    Shared representation Z: h `[B, H]`, which every tower reads; every shared parameter
+    (the embedding, the MLP) is upstream of it and every path to a loss passes through it.
+
     Options (`MLPOptions`): `hidden`, the layer sizes of the shared MLP; activation, dropout,
     batch_norm of its layers.
     """
+
+    has_representation = True
 
     def __init__(self, in_dim: int, task_names: Sequence[str], options: MLPOptions):
         super().__init__()
@@ -34,4 +39,4 @@ class SharedBottom(Backbone):
 
     def forward(self, x: Tensor) -> BackboneOutput:
         h = self.bottom(x)
-        return BackboneOutput(h.unsqueeze(1).expand(-1, self.num_tasks, -1), {})
+        return BackboneOutput(h.unsqueeze(1).expand(-1, self.num_tasks, -1), {}, representation=h)

@@ -95,7 +95,8 @@ class STEM(MultiTaskModel):
     (`AllForwardTaskBackward`) reads them stacked `[T+1, B, I]`; logits `[B, T]`.
 
     `task_parameters(t)` holds task t's embeddings, experts, gate and tower: only task t's
-    loss reaches them. The tables cost T + 1 times a shared-embedding model's.
+    loss reaches them. The tables cost T + 1 times a shared-embedding model's. Lists kept as
+    sequences (`pooling: none`) are read from each embedding by one shared sequence encoder.
 
     Options (`STEMOptions`): task_experts m_t (at least 1), shared_experts m_s; expert_hidden,
     each expert's layer sizes; gate_hidden (empty: the linear softmax gate); activation,
@@ -120,9 +121,9 @@ class STEM(MultiTaskModel):
         self.task_embeddings = nn.ModuleList(FeatureEmbedding(schema) for _ in schema.tasks)
 
     def forward(self, features: Features) -> ModelOutput:
-        rows = [embedding(features) for embedding in self.task_embeddings] + [self.embedding(features)]
-        reps, gates, _ = self.backbone(torch.stack(rows))  # its backbone has no penalty
-        return ModelOutput(self.tower_logits(reps), gates)
+        rows = [self.inputs(features, embedding) for embedding in self.task_embeddings] + [self.inputs(features)]
+        out = self.backbone(torch.stack(rows))  # its backbone has no penalty
+        return ModelOutput(self.tower_logits(out.task_reps), out.gates)
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
         return super().task_parameters(task) + list(self.task_embeddings[task].parameters())

@@ -33,6 +33,7 @@ class LevelOutput(NamedTuple):
     shared: Tensor | None  # [B, H], the shared gate's mixture y_s; None without a shared gate
     gates: dict[str, Tensor]  # gate name -> [B, experts it mixes]
     penalty: Tensor | None = None  # the routers' balance loss (routing with balance="aux_loss")
+    representation: Tensor | None = None  # Z [B, S, H], the outputs several tasks read (`ExtractionLevel`)
 
 
 class ExtractionLevel(nn.Module):
@@ -50,7 +51,13 @@ class ExtractionLevel(nn.Module):
 
     Input: x `[B, I]` on the first level, else `[T+1, B, I]` (each task's input, then the
     shared input). Output: `LevelOutput`, task outputs `[B, T, H]`, shared output `[B, H]`
-    (None without a shared gate), the gate weights by name, the balance loss (or None).
+    (None without a shared gate), the gate weights by name, the balance loss (or None), and
+    the level's shared representation Z `[B, S, H]`: the outputs of the experts no task owns
+    alone (the shared experts; every expert where no task owns any), then, with always-on
+    experts, their sum as one more row. The mixtures read the experts from Z (the same
+    values), so every path from them to a task passes through it. With dispatch "sparse" the
+    experts' outputs are never formed densely: Z is None (`has_representation` False; PLE
+    turns it off on its lower levels, whose Z nobody reads).
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class ExtractionLevel(nn.Module):
         # shared gate (the last PLE level, CGC, MMoE) and where gates mix only their own task's
         self.exclusive = [] if shared_gate or fusion != "own" else own
         self.num_experts = num_experts
+        self.representation_experts = num_experts - sum(len(o) for o in self.exclusive)  # the last ones
         self.shared_gate = shared_gate
         self.out_dim = self.experts.out_dim
         # linear gates that read one input (the first level) run as one matmul
@@ -141,6 +149,7 @@ class ExtractionLevel(nn.Module):
             self.router = Router(candidates, routing, self.gate_names)
             self.gate_top_k = {g: routing.top_k for g in self.gate_names}
         self.sparse = routing is not None and routing.dispatch == "sparse"
+        self.has_representation = not self.sparse and (self.representation_experts > 0 or self.always_on is not None)
 
     def task_modules(self, task: int) -> list[nn.Module]:
         return [self.gates[task]]
@@ -156,6 +165,10 @@ class ExtractionLevel(nn.Module):
     def forward(self, x: Tensor) -> LevelOutput:
         sparse = self.sparse and not torch.jit.is_tracing()  # a trace (export) runs densely
         experts = None if sparse else self.experts(x)  # [B, E, H]
+        always_on = None if sparse else self._always_on(x)  # [B, 1, H]
+        representation = None
+        if experts is not None and self.has_representation and torch.is_grad_enabled():  # Z serves training alone
+            experts, always_on, representation = self._through_representation(experts, always_on)
         b, n_gates = x.shape[-2], len(self.gates)
         if self.fused_gates:
             mix = self._fused_gate_mix(x)
@@ -176,13 +189,34 @@ class ExtractionLevel(nn.Module):
             mix = mix + v.view(n_gates, self.num_experts)
         if experts is None:
             mixed = sparse_mix(self.experts, x, mix, routed.chosen)  # [B, gates, H]
+            always_on = self._always_on(x)
         else:
             mixed = torch.bmm(mix.to(experts.dtype), experts)  # [B, gates, H]
-        if self.always_on is not None:
-            mixed = mixed + self.always_on(x if self.first else x[self.num_tasks]).sum(1, keepdim=True)
+        if always_on is not None:
+            mixed = mixed + always_on
         shared = mixed[:, self.num_tasks] if self.shared_gate else None
         penalty = routed.penalty if routed is not None else None
-        return LevelOutput(mixed[:, : self.num_tasks], shared, dict(zip(self.gate_names, weights)), penalty)
+        return LevelOutput(mixed[:, : self.num_tasks], shared, dict(zip(self.gate_names, weights)), penalty,
+                           representation)
+
+    def _always_on(self, x: Tensor) -> Tensor | None:
+        """The always-on experts' sum `[B, 1, H]`, from the shared input; None without them."""
+        if self.always_on is None:
+            return None
+        return self.always_on(x if self.first else x[self.num_tasks]).sum(1, keepdim=True)
+
+    def _through_representation(self, experts: Tensor, always_on: Tensor | None
+                                ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Z `[B, S, H]` from the experts' outputs `[B, E, H]` and the always-on sum `[B, 1, H]`
+        (or None), and both read back from it: (experts, always-on sum, Z), the same values."""
+        owned = self.num_experts - self.representation_experts  # the experts one task owns: the first ones
+        if not owned and always_on is None:
+            return experts, None, experts
+        shared = experts[:, owned:]
+        z = shared if always_on is None else torch.cat([shared, always_on], dim=1)
+        from_z = z[:, : self.representation_experts]
+        experts = torch.cat([experts[:, :owned], from_z], dim=1) if owned else from_z.contiguous()
+        return experts, None if always_on is None else z[:, self.representation_experts:], z
 
     def _fused_gate_mix(self, x: Tensor) -> Tensor:
         """Every linear gate from one matmul over x `[B, I]`: the logits land in a `[B, gates, E]`

@@ -158,6 +158,8 @@ class Trainer:
         kept = [(p, m) for p, m in zip(shared.params, shared.masks) if id(p) not in fused]
         self.shared = SharedParameters([p for p, _ in kept], [m for _, m in kept])
         self.task_params = [[p for p in base.task_parameters(k) if id(p) not in fused] for k in range(len(self.tasks))]
+        if self.weighting.reads_representation and self.shared.params:
+            self._check_representation(base)
         # data parallel: every gradient averaged after backward; sharded, DistributedDataParallel does the
         # model's (but the fused tables') unless a gradient method runs (`dense_by_hand`)
         by_hand = (not self.sharded or self.dense_by_hand) and not self.ddp
@@ -176,6 +178,20 @@ class Trainer:
         self.global_step = 0
         self.last_checkpoint: int | None = None
         self._first_bad = torch.full((len(self.tasks),), -1, dtype=torch.long, device=self.device)
+
+    def _check_representation(self, model: nn.Module) -> None:
+        """A weighting with on: representation needs a model that gives its shared representation
+        Z, and an uncompiled forward (a compiled graph gives Z as an output no loss reads)."""
+        name = split_spec(self.config.weighting)[0]
+        if not getattr(model, "has_representation", False):
+            backbone = getattr(model, "backbone", None)
+            which = type(model).__name__ + (f" (backbone {type(backbone).__name__})" if backbone is not None else "")
+            raise ValueError(f"train.weighting {name!r} with on: representation needs a model that names its shared "
+                             f"representation Z, and {which} names none (see its docstring; MoE levels with "
+                             "dispatch: sparse form none); use on: parameters")
+        if self.config.compile:
+            raise ValueError(f"train.weighting {name!r} with on: representation cannot run with train.compile: the "
+                             "compiled graph gives no gradient on the representation; use one or the other")
 
     def _early_stopping(self, config: TrainConfig) -> EarlyStopping | PerTaskStopping:
         """One stopper for the model; for the single-task baseline (plain tables) one per
@@ -344,7 +360,7 @@ class Trainer:
         if self.config.strategy == "alternating":
             weights = self._alternating_backward(losses, out.penalty)
         else:
-            weights = self.weighting.backward(losses, self.shared, out.penalty)
+            weights = self.weighting.backward(losses, self.shared, out.penalty, representation=out.representation)
         return weights, losses
 
     def _over_all_processes(self, losses: Tensor, batch: TensorData) -> Tensor:

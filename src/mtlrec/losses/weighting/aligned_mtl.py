@@ -9,7 +9,7 @@ from torch import Tensor
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
-    WeightingOptions,
+    GradientOptions,
     register_weighting,
 )
 from mtlrec.train.gradients import SharedParameters
@@ -40,7 +40,7 @@ class AlignedMTL(GradientMethod):
     data parallel it acts on each process's gradients before they are averaged.
     """
 
-    class Options(WeightingOptions):
+    class Options(GradientOptions):
         min_eigenvalue_ratio: float = Field(
             1e-10, gt=0.0, lt=1.0, description="eigenvalues of G^T G at or below this fraction of the largest "
                                                "count as zero (their directions are dropped)")
@@ -49,7 +49,7 @@ class AlignedMTL(GradientMethod):
         """The raw losses: `combine` gets G^T `[T, P]`, not scaled by the config weights."""
         return losses
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         alignment = align_gradients(grads, self.options.min_eigenvalue_ratio)  # B
         update_weights = alignment @ self.base  # B w
         # G (B w) replaces the plain update G w

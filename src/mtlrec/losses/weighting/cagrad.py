@@ -11,7 +11,7 @@ from torch import Tensor
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
-    WeightingOptions,
+    GradientOptions,
     register_weighting,
 )
 from mtlrec.losses.weighting.mgda import tasks_with_gradient
@@ -42,12 +42,12 @@ class CAGrad(GradientMethod):
     gradients before the trainer averages them: the average of per-process CAGrad directions.
     """
 
-    class Options(WeightingOptions):
+    class Options(GradientOptions):
         c: float = Field(0.4, ge=0, description="radius of the ball around the average gradient, relative to "
                          "its norm (0: the average gradient)")
         rescale: bool = Field(True, description="divide the update by 1 + c^2, as the authors' code does")
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         gram = (grads @ grads.T).detach().double().cpu()
         active = tasks_with_gradient(gram)  # a task without labelled rows has no gradient: left out
         combination = torch.zeros(self.num_tasks, dtype=torch.float64)  # d = combination @ grads

@@ -9,7 +9,7 @@ from torch import Tensor
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
-    WeightingOptions,
+    GradientOptions,
     register_weighting,
 )
 from mtlrec.tasks import TaskSet
@@ -39,9 +39,14 @@ class DBMTL(GradientMethod):
     enter. State: the average G in the buffer `grad_average` `[T, P]` (sized at the first step;
     a loaded checkpoint sets its size). Under data parallel each process averages and balances
     its own gradients before the trainer averages them over processes.
+
+    `on: representation` needs `beta: 0`: the average G would mix gradients on the
+    representations of different batches' rows. With beta 0 the update is the weighting
+    alpha_k c_k / L_k of the losses, found on Z, applied to the whole shared update
+    (`GradientMethod`, "weights").
     """
 
-    class Options(WeightingOptions):
+    class Options(GradientOptions):
         beta: float = Field(0.9, ge=0, lt=1, description="beta in [0, 1): how much of the gradient average "
                             "is kept each step (0: the current gradient alone)")
         beta_sigma: float = Field(0.0, ge=0, description="sigma >= 0: beta_t = beta / t^sigma decays the "
@@ -49,6 +54,10 @@ class DBMTL(GradientMethod):
 
     def __init__(self, tasks: TaskSet, options: Options | None = None):
         super().__init__(tasks, options)
+        if self.options.on == "representation" and self.options.beta > 0:
+            raise ValueError(f"weighting 'db_mtl' option on: representation needs beta: 0, not {self.options.beta} "
+                             "(a running average of gradients on the representation would mix different batches' "
+                             "rows)")
         self.register_buffer("grad_average", torch.zeros(self.num_tasks, 0))
 
     def weights(self, losses: Tensor) -> Tensor:
@@ -59,7 +68,7 @@ class DBMTL(GradientMethod):
         """c_k log(L_k + eps): the plain update (weights c_k / L_k) is the sum of their gradients."""
         return self.base * torch.log(losses + EPS)
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         if self.grad_average.shape != grads.shape:
             self.grad_average = torch.zeros_like(grads)
         step = self.steps + 1  # t: this step, counted from 1 (`steps` counts the steps before it)

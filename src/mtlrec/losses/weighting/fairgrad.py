@@ -9,7 +9,7 @@ from torch import Tensor
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
-    WeightingOptions,
+    GradientOptions,
     register_weighting,
 )
 from mtlrec.train.gradients import SharedParameters
@@ -38,12 +38,12 @@ class FairGrad(GradientMethod):
     gradients before the trainer averages them: the mean of the per-process directions.
     """
 
-    class Options(WeightingOptions):
+    class Options(GradientOptions):
         alpha: float = Field(1.0, gt=0, description="fairness: 1 proportional (Nash-MTL's condition), larger "
                              "favours the worse-off task more (max-min as alpha grows)")
         max_norm: float = Field(0.0, ge=0, description="clip the shared update to this norm (0: no clipping)")
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         """d = G c (clipped); weights c_k w_k, its coefficient on each loss."""
         coefficients = fair_weights(grads @ grads.T, self.options.alpha).to(grads)
         direction = coefficients @ grads

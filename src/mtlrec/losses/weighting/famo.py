@@ -74,7 +74,7 @@ class FAMO(Weighting):
         return self.base * inverse / inverse.sum()
 
     def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
+                 extra: Tensor | None = None, representation: Tensor | None = None) -> Tensor:
         log_losses = torch.log(losses + EPS)
         if self._has_previous:
             self.update_logits(torch.log(self.previous_losses + EPS) - log_losses.detach())

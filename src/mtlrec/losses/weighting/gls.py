@@ -42,7 +42,7 @@ class GLS(Weighting):
         return self.base * self.geometric_mean(losses) / (self.base.sum() * (losses + EPS))
 
     def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
+                 extra: Tensor | None = None, representation: Tensor | None = None) -> Tensor:
         total = self.geometric_mean(losses)
         if extra is not None:
             total = total + extra

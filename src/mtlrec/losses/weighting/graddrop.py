@@ -11,7 +11,7 @@ from torch import Tensor
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
-    WeightingOptions,
+    GradientOptions,
     register_weighting,
     step_generator,
 )
@@ -39,7 +39,11 @@ class GradDrop(GradientMethod):
     g_k = sgn(A) * dL_k/dA summed over the batch, and backpropagates the masked gradient;
     here it is applied to the gradients of the shared parameters themselves (already summed
     over the batch, no sgn(A) factor), the entries a gradient method acts on in this package.
-    Task-owned entries keep their plain gradient.
+    Task-owned entries keep their plain gradient. With `on: representation` the mask acts on
+    the entries of the shared representation Z (each row's units: the paper's activation
+    layer, without its sum over the batch and its sgn(A) factor) and the masked sum is
+    backpropagated through Z (`GradientMethod`, "direction"); shared parameters reached
+    around Z keep the plain weighted sum.
 
     `backward` returns the config weights (the mask differs per entry, so no per-task weight
     describes the update). No state across steps: U of step t comes from a generator seeded
@@ -48,7 +52,9 @@ class GradDrop(GradientMethod):
     each process's gradients before they are averaged; every process draws the same U.
     """
 
-    class Options(WeightingOptions):
+    representation_update = "direction"
+
+    class Options(GradientOptions):
         seed: int = Field(0, ge=0, lt=2**31, description="seeds the uniform draws U that pick the kept sign")
         leak: Leak | list[Leak] = Field(
             0.0, description="l_k in [0, 1]: the fraction of task k's gradient kept whatever its sign; "
@@ -62,7 +68,7 @@ class GradDrop(GradientMethod):
             raise ValueError(f"graddrop leak has {len(leaks)} values for {self.num_tasks} tasks")
         self.register_buffer("leak", torch.tensor(leaks, dtype=torch.float32))
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         uniform = uniform_draws(self.options.seed, int(self.steps), grads.shape[1], grads.device, grads.dtype)  # U
         return Combined(drop_signs(grads, uniform, self.leak.to(grads.dtype)))  # the config weights are returned
 

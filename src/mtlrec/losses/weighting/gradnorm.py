@@ -8,7 +8,13 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from mtlrec.losses.weighting.base import Weighting, WeightingOptions, register_weighting
+from mtlrec.losses.weighting.base import (
+    GradientOptions,
+    Weighting,
+    register_weighting,
+    representation_gradients,
+    required_representation,
+)
 from mtlrec.tasks import TaskSet
 from mtlrec.train.gradients import SharedParameters
 
@@ -22,11 +28,15 @@ class GradNorm(Weighting):
     w follows the gradient of L_grad = sum_k |G_k - target_k| (targets held constant), and is
     renormalised to sum_k w_k = T after every step. Since G_k = w_k ||grad_W L_k||, the
     gradient of L_grad needs no second-order terms. The model itself trains on sum_k w_k L_k.
+
+    W: all shared parameters; with `on: representation`, the G_k are the norms of the gradients
+    on the model's shared representation Z instead (the paper takes W to be the last shared
+    layer's weights for speed; Z is the output of the last shared layer).
     """
 
     needs_task_gradients = True
 
-    class Options(WeightingOptions):
+    class Options(GradientOptions):
         alpha: float = Field(1.5, description="asymmetry (>= 0): how strongly slow tasks are pulled up")
 
     def __init__(self, tasks: TaskSet, options: Options | None = None):
@@ -41,10 +51,14 @@ class GradNorm(Weighting):
     def weights(self, losses: Tensor) -> Tensor:
         return self.task_weights.detach()
 
-    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter], extra: Tensor | None = None) -> Tensor:
+    def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter], extra: Tensor | None = None,
+                 representation: Tensor | None = None) -> Tensor:
         if torch.isnan(self.initial).any():
             self.initial.copy_(losses.detach())
-        norms = SharedParameters.of(shared).task_gradients(losses).norm(dim=1)
+        if self.reads_representation:
+            norms = representation_gradients(losses, required_representation(representation, self)).norm(dim=1)
+        else:
+            norms = SharedParameters.of(shared).task_gradients(losses).norm(dim=1)
         w = self.task_weights.detach()
         g = w * norms
         ratio = losses.detach() / self.initial.clamp(min=1e-12)

@@ -11,7 +11,7 @@ from torch import Tensor
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
-    WeightingOptions,
+    GradientOptions,
     register_weighting,
     step_generator,
 )
@@ -48,7 +48,7 @@ class GradVac(GradientMethod):
     (a checkpoint saves those of the process that writes it).
     """
 
-    class Options(WeightingOptions):
+    class Options(GradientOptions):
         beta: float = Field(0.5, gt=0.0, le=1.0, description="EMA rate of the target similarities, in (0, 1]")
         seed: int = Field(0, ge=0, lt=2**31, description="seeds the random order in which tasks are aligned")
 
@@ -56,7 +56,7 @@ class GradVac(GradientMethod):
         super().__init__(tasks, options)
         self.register_buffer("targets", torch.zeros(self.num_tasks, self.num_tasks))  # phi_ij
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         order = step_generator(self.options.seed, int(self.steps))  # on the CPU: T draws
         coefficients = vaccinate(grads, self.targets, self.options.beta, order)  # g_i' = sum_k C_ik g_k
         multipliers = coefficients.sum(0)  # sum_i g_i' = multipliers @ grads

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
+    GradientOptions,
     Weighting,
-    WeightingOptions,
     register_weighting,
 )
 from mtlrec.tasks import TaskSet
@@ -48,8 +48,11 @@ class IMTL(GradientMethod):
     `mode: both` (the paper's IMTL): the scaled losses of IMTL-L, and IMTL-G on their gradients.
     Task-owned entries keep the plain gradient of the (scaled) weighted loss.
 
-    Deviation: the paper takes g_k with respect to the shared representation (the encoder's
-    output), for speed; here they are the gradients of the shared parameters, as in PCGrad.
+    The paper takes g_k with respect to the shared representation (the encoder's output), for
+    speed: that is `on: representation` (`GradientMethod`, "weights": alpha_k c_k found on Z
+    weight the whole shared update); the default `on: parameters` takes them on the shared
+    parameters, as PCGrad does. IMTL-L alone reads no gradient: `mode: loss` with
+    `on: representation` is an error.
 
     `backward` returns the weights of the shared update, alpha_k * c_k (c_k = w_k, or
     w_k e^{s_k} with IMTL-L); with `mode: loss`, c_k. State across steps: only IMTL-L's s, a
@@ -57,7 +60,7 @@ class IMTL(GradientMethod):
     Under data parallel, IMTL-G acts on each process's own gradients before they are averaged.
     """
 
-    class Options(WeightingOptions):
+    class Options(GradientOptions):
         mode: Literal["gradient", "loss", "both"] = Field(
             "both", description="gradient: IMTL-G; loss: IMTL-L; both: IMTL (IMTL-L's losses, IMTL-G's update)")
 
@@ -66,6 +69,9 @@ class IMTL(GradientMethod):
         self.balance_losses = self.options.mode in ("loss", "both")
         self.balance_gradients = self.options.mode in ("gradient", "both")
         self.task_names = list(tasks.names)
+        if not self.balance_gradients and self.options.on == "representation":
+            raise ValueError("weighting 'imtl' option on: representation has no effect with mode 'loss' (IMTL-L reads "
+                             "no gradient); use mode 'gradient' or 'both', or leave on at 'parameters'")
         if self.balance_losses:
             self.log_scales = nn.Parameter(torch.zeros(self.num_tasks))  # s_k
 
@@ -76,20 +82,20 @@ class IMTL(GradientMethod):
         return -(self.base * self.log_scales).sum() if self.balance_losses else 0.0
 
     def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
+                 extra: Tensor | None = None, representation: Tensor | None = None) -> Tensor:
         if self.balance_losses and bool((losses.detach() <= 0).any()):
             k = int(torch.argmax((losses.detach() <= 0).int()))
             raise ValueError(f"imtl loss balancing (mode {self.options.mode!r}) needs positive losses, but task "
                              f"{self.task_names[k]!r} has loss {float(losses[k]):.4g}; use mode 'gradient'")
         if not self.balance_gradients:  # IMTL-L alone: the scaled losses' plain sum
             return Weighting.backward(self, losses, shared, extra)
-        return super().backward(losses, shared, extra)
+        return super().backward(losses, shared, extra, representation)
 
     def task_losses(self, losses: Tensor) -> Tensor:
         """c_k L_k: the config-weighted losses, also scaled by e^{s_k} with IMTL-L."""
         return self.weights(losses).detach() * losses
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         alpha = impartial_weights(grads)
         return Combined(alpha @ grads, alpha * self.weights(losses).detach())  # weights alpha_k c_k
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
-    WeightingOptions,
+    GradientOptions,
     register_weighting,
 )
 from mtlrec.tasks import TaskSet
@@ -37,13 +37,17 @@ class MetaBalance(GradientMethod):
     Task-owned entries keep their plain gradient w_k grad L_k. The weights returned (logged)
     are w_k times each task's scale averaged over the shared tensors (1 for the target).
 
+    With `on: representation` the shared representation Z is the one "layer" (J = 1): each
+    auxiliary task's gradient on Z is scaled toward the target's, and the scales weight the
+    whole shared update (`GradientMethod`, "weights"; every shared tensor gets the same scale).
+
     State: the averages m `[T, J]` (J shared tensors) in the buffer `norm_averages`, sized at
     the first step (checkpoints carry it). Under data parallel it acts on each process's
     gradients before the trainer averages them, so each process keeps its own averages of its
     own gradient norms.
     """
 
-    class Options(WeightingOptions):
+    class Options(GradientOptions):
         target: str | int = Field(0, description="the target task, by name or index; the others are auxiliary")
         beta: float = Field(0.9, ge=0, lt=1, description="moving-average factor of the gradient norms")
         relax: float = Field(0.7, ge=0, le=1, description="how far auxiliary magnitudes move to the target's "
@@ -62,9 +66,10 @@ class MetaBalance(GradientMethod):
         self.target = target
         self.register_buffer("norm_averages", torch.zeros(self.num_tasks, 0))
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
-        """update_j per shared tensor j; weights w_k times each task's mean scale over the tensors."""
-        sizes = [p.numel() for p in shared.params]
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
+        """update_j per shared tensor j (Z, one tensor, for `shared` None); weights w_k times each
+        task's mean scale over the tensors."""
+        sizes = [grads.shape[1]] if shared is None else [p.numel() for p in shared.params]
         norms = torch.stack([part.norm(dim=1) for part in grads.detach().split(sizes, dim=1)], 1)  # [T, J]
         if self.norm_averages.shape != norms.shape:
             self.norm_averages = torch.zeros_like(norms).to(self.norm_averages)

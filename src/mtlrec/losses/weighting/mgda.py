@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
-    SharedUpdate,
-    WeightingOptions,
+    GradientOptions,
     register_weighting,
 )
-from mtlrec.train.gradients import SharedParameters, flat_gradient
+from mtlrec.train.gradients import SharedParameters
 
 
 @register_weighting("mgda")
@@ -37,43 +36,35 @@ class MGDA(GradientMethod):
     `normalize` divides g_k by ||g_k|| ("l2"), by w_k L_k ("loss") or by both ("loss+") before
     the min-norm solve only (the authors' code); the update uses the unnormalised g_k.
 
-    `upper_bound` (MGDA-UB): alpha from the gradients with respect to a shared representation
-    Z (the encoder output all tasks read) instead of the shared parameters: T backward passes
-    through the towers only, then one through the model. `Weighting.backward` does not receive
-    Z, so this needs the caller to pass it: `backward(losses, shared, extra, representation=Z)`.
-    The trainer does not do that today, so `upper_bound: true` raises at the first step. (For
-    expert models the backbone's per-task outputs `[B, T, H]` are not such a Z: each task reads
-    only its own slice, so their gradients are orthogonal; Z would be the expert outputs.)
+    MGDA-UB (section 3.3) is `on: representation` (`upper_bound: true` says the same): alpha
+    from the gradients on the shared representation Z (the backbone output every task reads)
+    instead of the shared parameters, T backward passes through the towers only, then the
+    coefficients T alpha_k w_k weight the whole shared update, one more backward pass
+    (`GradientMethod`, "weights").
 
     Stateless (the base's step counter only). Under data parallel it acts on each process's
     gradients before the trainer averages them: the average of per-process MGDA directions.
     """
 
-    class Options(WeightingOptions):
-        upper_bound: bool = Field(False, description="MGDA-UB: solve on the gradients with respect to a "
-                                  "representation passed to backward (the trainer does not pass one yet)")
+    class Options(GradientOptions):
+        upper_bound: bool = Field(False, description="MGDA-UB (Sener & Koltun 2018, Sec. 3.3): another name for "
+                                  "on: representation")
         normalize: Literal["none", "l2", "loss", "loss+"] = Field(
             "none", description="how task gradients are normalised before the min-norm solve (the update "
             "uses them unnormalised)")
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+        @model_validator(mode="before")
+        @classmethod
+        def _upper_bound_is_on_representation(cls, values: Any) -> Any:
+            if isinstance(values, dict) and values.get("upper_bound"):
+                if values.get("on", "representation") != "representation":
+                    raise ValueError(f"upper_bound (MGDA-UB) is on: representation; it contradicts on: {values['on']}")
+                values = {**values, "on": "representation"}
+            return values
+
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         coefficients = self.coefficients(grads @ grads.T, losses)  # T alpha
         return Combined(coefficients @ grads, coefficients.detach() * self.base)  # T d
-
-    def update(self, losses: Tensor, shared: SharedParameters, representation: Tensor | None = None) -> SharedUpdate:
-        """`representation`: the shared encoder output Z (MGDA-UB only; `backward` passes it on)."""
-        if not self.options.upper_bound:
-            return super().update(losses, shared)  # alpha from the task gradients: `combine`
-        if representation is None:
-            raise ValueError("mgda upper_bound (MGDA-UB) needs the shared representation: call "
-                             "backward(losses, shared, extra, representation=Z); the trainer does not pass one")
-        weighted = self.base * losses
-        on_representation = torch.stack([torch.autograd.grad(loss, representation, retain_graph=True)[0].reshape(-1)
-                                         for loss in weighted])  # [T, B * H]
-        coefficients = self.coefficients(on_representation @ on_representation.T, losses)
-        # one backward pass gives the change on the shared entries: sum_k (coef_k - 1) g_k
-        change = shared_gradient(((coefficients - 1) * weighted).sum(), shared)
-        return SharedUpdate(change, coefficients.detach() * self.base)
 
     def coefficients(self, gram: Tensor, losses: Tensor) -> Tensor:
         """T alpha `[T]` (T: the tasks with a gradient) from the Gram matrix `[T, T]` of the
@@ -86,13 +77,6 @@ class MGDA(GradientMethod):
             alpha[active] = min_norm_weights(normalized_gram(gram[active][:, active], weighted[active],
                                                              self.options.normalize))
         return int(active.sum()) * alpha.to(losses)
-
-
-def shared_gradient(loss: Tensor, shared: SharedParameters) -> Tensor:
-    """`[P]`: the gradient of one loss on the shared entries (task-owned entries 0); graph kept."""
-    flat = flat_gradient(torch.autograd.grad(loss, shared.params, retain_graph=True, allow_unused=True), shared.params)
-    mask = shared.flat_mask()
-    return flat if mask is None else flat * mask
 
 
 def tasks_with_gradient(gram: Tensor) -> Tensor:

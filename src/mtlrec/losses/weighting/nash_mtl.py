@@ -9,11 +9,13 @@ from torch import Tensor
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
+    GradientOptions,
     SharedUpdate,
-    WeightingOptions,
     register_weighting,
+    representation_gradients,
+    required_representation,
+    shared_gradient,
 )
-from mtlrec.losses.weighting.mgda import shared_gradient
 from mtlrec.tasks import TaskSet
 from mtlrec.train.gradients import SharedParameters
 
@@ -39,14 +41,18 @@ class NashMTL(GradientMethod):
     default 1.0 always rescales d to norm 1. Task-owned entries keep their plain gradient
     w_k grad L_k. The weights returned (logged) are the shared update's coefficients on each L_k.
 
+    With `on: representation` alpha is solved on the gradients on the shared representation Z
+    and weights the whole shared update (`GradientMethod`, "weights"); the clipping then
+    measures d on Z.
+
     State: alpha is recomputed every `update_every` steps and kept, with the step counter, in
     buffers (checkpoints carry them); a step that reuses it needs two extra backward passes
-    instead of T. Under data parallel it acts on each process's gradients before the trainer
+    instead of T (on the representation: one through the towers, one through the model). Under data parallel it acts on each process's gradients before the trainer
     averages them: each process solves for its own alpha, and the averaged update is the mean
     of the per-process directions.
     """
 
-    class Options(WeightingOptions):
+    class Options(GradientOptions):
         max_norm: float = Field(1.0, ge=0, description="clip the shared update to this norm (0: no clipping)")
         update_every: int = Field(1, ge=1, description="recompute the task weights every this many steps")
 
@@ -54,18 +60,22 @@ class NashMTL(GradientMethod):
         super().__init__(tasks, options)
         self.register_buffer("alpha", torch.ones(self.num_tasks))
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         """A step that solves for alpha: d = G alpha from the task gradients."""
         self.alpha.copy_(nash_weights(grads @ grads.T).to(self.alpha))
         alpha = self.alpha.to(grads)
         return self.clipped(alpha, alpha @ grads)
 
-    def update(self, losses: Tensor, shared: SharedParameters) -> SharedUpdate:
+    def update(self, losses: Tensor, shared: SharedParameters, representation: Tensor | None = None) -> SharedUpdate:
         if int(self.steps) % self.options.update_every == 0:
-            return super().update(losses, shared)  # T task gradients: `combine`
-        # reuse alpha: two backward passes give the plain update and d = sum_k alpha_k g_k
+            return super().update(losses, shared, representation)  # T task gradients: `combine`
         weighted = self.base * losses
         alpha = self.alpha.to(losses)
+        if self.reads_representation:  # reuse alpha: d on Z for the clipping, then the weights on the model
+            z = required_representation(representation, self)
+            direction = representation_gradients((alpha * weighted).sum().reshape(1), z)[0]
+            return self.reweighted(self.clipped(alpha, direction).weights, losses, shared)
+        # reuse alpha: two backward passes give the plain update and d = sum_k alpha_k g_k
         plain = shared_gradient(weighted.sum(), shared)
         clipped = self.clipped(alpha, shared_gradient((alpha * weighted).sum(), shared))
         return SharedUpdate(clipped.direction - plain, clipped.weights)

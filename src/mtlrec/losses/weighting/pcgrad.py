@@ -9,7 +9,7 @@ from torch import Tensor
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
-    WeightingOptions,
+    GradientOptions,
     register_weighting,
     step_generator,
 )
@@ -26,12 +26,18 @@ class PCGrad(GradientMethod):
     gradients. Parameters a single task owns get their ordinary gradient. Losses are
     weighted by the config weights first. The order of step t comes from a generator seeded
     by (seed, t) alone (`step_generator`), so a resumed run projects as an uninterrupted one.
+
+    With `on: representation` the projections act on the gradients on the shared
+    representation Z and the projected sum is backpropagated through Z (`GradientMethod`,
+    "direction"); shared parameters reached around Z keep the plain weighted sum.
     """
 
-    class Options(WeightingOptions):
+    representation_update = "direction"
+
+    class Options(GradientOptions):
         seed: int = Field(0, description="seeds the random order of the projections")
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         order = step_generator(self.options.seed, int(self.steps))
         return Combined(project_conflicts(grads, order))  # the config weights are returned
 

@@ -9,7 +9,7 @@ from torch import Tensor
 from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
-    WeightingOptions,
+    GradientOptions,
     register_weighting,
 )
 from mtlrec.losses.weighting.mgda import min_norm_weights, tasks_with_gradient
@@ -44,7 +44,7 @@ class PELTR(GradientMethod):
     gradients before the trainer averages them: the mean of the per-process directions.
     """
 
-    class Options(WeightingOptions):
+    class Options(GradientOptions):
         bounds: float | list[float] = Field(0.0, description="lower bound c_k on each task's weight: one value "
                                             "for all tasks or one per task; the bounds sum to at most 1")
 
@@ -68,7 +68,7 @@ class PELTR(GradientMethod):
             raise ValueError(f"weighting 'pe_ltr' option bounds: sum {float(lower.sum())} > 1 over {self.num_tasks} tasks")
         self.register_buffer("lower_bounds", lower.float())
 
-    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters) -> Combined:
+    def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         """The update T sum_k v_k g_k; weights T v_k w_k, its coefficient on each L_k."""
         gram = (grads @ grads.T).detach().double().cpu()
         active = tasks_with_gradient(gram)

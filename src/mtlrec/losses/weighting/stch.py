@@ -64,7 +64,7 @@ class STCH(Weighting):
         return self.base * torch.softmax(self.scaled_gaps(losses.detach()), dim=0)
 
     def backward(self, losses: Tensor, shared: SharedParameters | Sequence[nn.Parameter],
-                 extra: Tensor | None = None) -> Tensor:
+                 extra: Tensor | None = None, representation: Tensor | None = None) -> Tensor:
         implied = self.weights(losses)
         total = self.options.mu * torch.logsumexp(self.scaled_gaps(losses), dim=0)
         if extra is not None:
