@@ -13,7 +13,7 @@ from mtlrec import models
 from mtlrec.data import DataError, Encoder, read_table, write_table
 from mtlrec.data.features import Features, Jagged
 from mtlrec.nn import FeatureEmbedding
-from mtlrec.nn.pooling import TargetAttention, pool
+from mtlrec.nn.pooling import TargetAttention, padded_rows, pool
 from mtlrec.schema import Attention, DenseFeature, Schema, SparseFeature, Task
 from mtlrec.tasks import TaskSet
 from mtlrec.train.metrics import auc, log_loss
@@ -351,3 +351,18 @@ def test_a_weighted_mean_whose_weights_sum_to_zero_pools_to_zero_with_finite_gra
     assert torch.equal(out[0], torch.zeros(3))
     out.sum().backward()
     assert torch.isfinite(table.grad).all()
+
+
+def test_padding_keeps_the_last_elements_of_a_list_longer_than_the_length():
+    """A list handed to attention or a kept sequence longer than max_length (built by hand,
+    not through the encoder, which cuts it) reads its last elements, as max_length promises."""
+    lists = Jagged.from_lists([[5, 6, 7, 8], [9], []])
+    positions, mask = lists.padded(3)
+    values = lists.values.tolist() + [None]  # position V: padding
+    assert [[values[p] for p, m in zip(row, keep) if m] for row, keep in zip(positions.tolist(), mask.tolist())] == \
+        [[6, 7, 8], [9], []]
+    cut = Jagged.from_lists([[6, 7, 8], [9], []])
+    table = torch.randn(10, 2)
+    long_rows, long_mask = padded_rows(table, lists.values, lists, 3)
+    cut_rows, cut_mask = padded_rows(table, cut.values, cut, 3)
+    assert torch.equal(long_rows, cut_rows) and torch.equal(long_mask, cut_mask)

@@ -258,7 +258,13 @@ def test_fused_tables_refuse_sequences_when_the_config_is_read():
                                           "plain"):
         load_config(raw)
     raw["train"] = {}
-    assert load_config(raw).schema.sequences[0].name == "a"
+    schema = load_config(raw).schema
+    assert schema.sequences[0].name == "a"
+    pytest.importorskip("torchrec")
+    from mtlrec.nn.torchrec_embedding import TorchRecEmbedding
+
+    with pytest.raises(ValueError, match=r"\['a'\] have pooling: none .* use mtlrec.nn.FeatureEmbedding"):
+        TorchRecEmbedding(schema.model_copy(update={"sparse": [schema.sparse[0].model_copy(update={"vocab_size": 8})]}))
 
 
 # ------------------------------------------------------------------ training paths

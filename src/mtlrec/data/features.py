@@ -84,12 +84,20 @@ class Jagged:
         return Jagged(torch.cat([self.values, other.values]), offsets, w)
 
     def padded(self, length: int) -> tuple[Tensor, Tensor]:
-        """`([N, L] positions into values, [N, L] bool mask)` of each row's first `length`
-        elements. Padding points one past the last value (V), so a caller appends one value
-        (a row of zeros) to gather a rectangle. For attention, which needs one; pooling never pads."""
+        """`([N, L] positions into values, [N, L] bool mask)` of each row's last `length`
+        elements (all of a shorter list), in list order from slot 0. Padding points one past
+        the last value (V), so a caller appends one value (a row of zeros) to gather a
+        rectangle. For attention and kept sequences, which need one; pooling never pads.
+
+        Example:
+            >>> Jagged.from_lists([[1, 2, 3], [4]]).padded(2)[0].tolist()   # V = 4: padding
+            [[1, 2], [3, 4]]
+        """
         slots = torch.arange(length, device=self.offsets.device)
-        mask = slots < self.lengths[:, None]
-        positions = torch.where(mask, self.offsets[:-1, None] + slots, self.values.shape[0])
+        lengths = self.lengths[:, None]
+        mask = slots < lengths.clamp(max=length)
+        first = self.offsets[:-1, None] + (lengths - length).clamp(min=0)  # a longer list: its last `length`
+        positions = torch.where(mask, first + slots, self.values.shape[0])
         return positions, mask
 
 

@@ -178,6 +178,9 @@ class TorchRecEmbedding(nn.Module):
         super().__init__()
         trec = _torchrec()
         schema.require_vocab()
+        if schema.sequences:  # the config refuses this too; this is for callers who build the layer themselves
+            raise ValueError(f"lists {[f.name for f in schema.sequences]} have pooling: none (kept as sequences), "
+                             "which TorchRec's tables do not hand on: use mtlrec.nn.FeatureEmbedding")
         self.schema = schema
         self.num_dense = len(schema.dense)
         self.weighted = any(f.weights or f.weight_separator for f in schema.lists)
