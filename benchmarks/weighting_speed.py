@@ -37,6 +37,7 @@ def with_tasks(schema: Schema, data: TensorData, tasks: int) -> tuple[Schema, Te
 
 
 ON_REPRESENTATION = {"db_mtl": {"beta": 0.0}}  # options a method needs with on: representation
+REFUSE_REPRESENTATION = {"nash_mtl", "fairgrad"}  # coefficients ~ 1 / ||g||: refused on Z
 
 
 def runs(methods: list[str], on: list[str]) -> dict[str, str | dict]:
@@ -48,7 +49,7 @@ def runs(methods: list[str], on: list[str]) -> dict[str, str | dict]:
             continue
         if "parameters" in on:
             specs[name] = name
-        if "representation" in on:
+        if "representation" in on and name not in REFUSE_REPRESENTATION:
             specs[f"{name} on Z"] = {"name": name, "on": "representation", **ON_REPRESENTATION.get(name, {})}
     return specs
 

@@ -32,7 +32,9 @@ def batch(rows=24, opposite=False, seed=1):
 
 def tiny(name, **options):
     torch.manual_seed(0)
-    return models.create(name, SCHEMA, tower_hidden=[4], **options).double()
+    model = models.create(name, SCHEMA, tower_hidden=[4], **options).double()
+    model.request_representation()  # expert levels form Z only when asked (the trainer asks)
+    return model
 
 
 def owned_parameters(model):
@@ -181,29 +183,6 @@ def test_gradnorm_on_the_representation_balances_the_norms_of_the_gradients_on_z
     torch.testing.assert_close(weighting.task_weights.grad, torch.sign(norms - norms.mean()) * norms)
 
 
-def test_nash_mtl_reusing_its_weights_clips_on_z_and_weights_the_whole_loss():
-    model = tiny("mmoe", num_experts=3, expert_hidden=[5])
-    weighting = create_weighting({"name": "nash_mtl", "on": "representation", "update_every": 2,
-                                  "max_norm": 0.5}, TASKS).double()
-    shared = shared_parameters(model, 2)
-    for step, seed in enumerate((1, 2)):
-        features, labels, mask = batch(seed=seed)
-        out = model(features)
-        losses = TASKS.losses(out.logits, labels, mask)
-        if step == 1:  # reuse alpha: d = sum_k alpha_k g_k on Z, scaled to norm max_norm
-            alpha = weighting.alpha.clone()
-            d = torch.autograd.grad((alpha * losses).sum(), out.representation, retain_graph=True)[0]
-            assert d.norm() > 0.5  # the clipping acts
-            expected_weights = alpha * min(1.0, 0.5 / float(d.norm()))
-            expected = torch.autograd.grad((expected_weights * losses).sum(), shared.params, retain_graph=True)
-        for p in model.parameters():
-            p.grad = None
-        weights = weighting.backward(losses, shared, representation=out.representation)
-    torch.testing.assert_close(weights, expected_weights)
-    for p, g in zip(shared.params, expected):
-        torch.testing.assert_close(p.grad, g)
-
-
 def test_a_task_without_labelled_rows_in_the_batch_has_no_gradient_on_z_and_is_left_out():
     model = tiny("cgc", task_experts=1, shared_experts=2, expert_hidden=[5])
     features, labels, mask = batch()
@@ -256,14 +235,19 @@ def test_options_that_cannot_run_on_the_representation_are_refused_by_name():
     with pytest.raises(ValueError, match=r"weighting 'pcgrad' option on: Input should be 'parameters' or "
                                          r"'representation'"):
         create_weighting({"name": "pcgrad", "on": "z"}, TASKS)
+    for name in ("nash_mtl", "fairgrad"):  # coefficients ~ 1 / ||g||: on Z they would grow with the batch size
+        with pytest.raises(ValueError, match=rf"weighting '{name}' cannot take on: representation: its coefficients "
+                                             r"scale as 1 / \|\|g\|\|"):
+            create_weighting({"name": name, "on": "representation"}, TASKS)
+    assert create_weighting({"name": "mgda", "upper_bound": "false"}, TASKS).options.on == "parameters"
     with pytest.raises(ValueError, match=r"weighting 'uncertainty' has no option\(s\) \['on'\]"):
         create_weighting({"name": "uncertainty", "on": "representation"}, TASKS)
 
 
 # ---- (f) every gradient method trains on the representation of CGC and PLE, and resumes exactly
 
-GRADIENT_METHODS = ["gradnorm", "pcgrad", "mgda", "cagrad", "nash_mtl", "imtl", "gradvac", "graddrop", "aligned_mtl",
-                    "fairgrad", "metabalance", "pe_ltr", {"name": "db_mtl", "beta": 0.0}]
+GRADIENT_METHODS = ["gradnorm", "pcgrad", "mgda", "cagrad", "imtl", "gradvac", "graddrop", "aligned_mtl",
+                    "metabalance", "pe_ltr", {"name": "db_mtl", "beta": 0.0}]  # nash_mtl, fairgrad: refused
 THREE = Schema(sparse=[{"name": "c", "vocab_size": 10, "embedding_dim": 3}], dense=[{"name": f"x{i}"} for i in range(4)],
                tasks=[{"name": "a"}, {"name": "b"}, {"name": "r", "type": "regression"}])
 
@@ -282,7 +266,8 @@ def test_the_trainer_passes_z_and_every_gradient_method_trains_on_it(one_thread)
     from mtlrec.losses import WEIGHTINGS
 
     names = [m if isinstance(m, str) else m["name"] for m in GRADIENT_METHODS]
-    assert set(names) == {n for n, cls in WEIGHTINGS.items() if cls.needs_task_gradients}  # all of them
+    refused = {"nash_mtl", "fairgrad"}
+    assert set(names) == {n for n, cls in WEIGHTINGS.items() if cls.needs_task_gradients} - refused  # all the others
     data = three_task_data()
     for model_name in ("cgc", "ple"):
         for method in GRADIENT_METHODS:
@@ -352,3 +337,53 @@ def test_a_method_on_the_representation_trains_with_fused_tables(one_thread):
     history = trainer.fit(encoded.train, encoded.valid)
     assert history[-1]["train/loss"] < history[0]["train/loss"]
     assert not torch.equal(before, trainer.plain_model.embedding.tables[0].weight[:len(before)])  # tables moved
+
+
+# ---- every method that weights the losses: the coefficients it finds on Z weight the whole shared update
+
+WEIGHTING_ON_Z = ["mgda", "cagrad", "imtl", "gradvac", "aligned_mtl", "metabalance", "pe_ltr",
+                  {"name": "db_mtl", "beta": 0.0}]
+
+
+@pytest.mark.parametrize("method", WEIGHTING_ON_Z, ids=lambda m: m if isinstance(m, str) else m["name"])
+def test_a_weighting_method_on_z_applies_the_coefficients_of_its_own_combine_to_the_whole_shared_update(method):
+    spec = ({"name": method} if isinstance(method, str) else dict(method)) | {"on": "representation"}
+    model = tiny("mmoe", num_experts=3, expert_hidden=[5])
+    features, labels, mask = batch(opposite=True)
+    out = model(features)
+    losses = TASKS.losses(out.logits, labels, mask)
+    reference = create_weighting(spec, TASKS).double()  # a fresh copy: its combine on G_Z, built here by hand
+    on_z = torch.stack([torch.autograd.grad(loss, out.representation, retain_graph=True)[0].reshape(-1)
+                        for loss in reference.task_losses(losses)])  # G_Z [T, N]
+    coefficients = reference.combine(on_z, losses, None).weights
+    assert coefficients is not None and torch.isfinite(coefficients).all()
+    shared, owned = shared_parameters(model, 2), owned_parameters(model)
+    expected_shared = torch.autograd.grad((coefficients.detach() * losses).sum(), shared.params, retain_graph=True)
+    plain = (reference.weights(losses).detach() * losses).sum()  # the plain sum (DB-MTL's weights: c_k / L_k)
+    expected_owned = torch.autograd.grad(plain, owned, retain_graph=True)  # towers and gates: plain
+    for p in model.parameters():
+        p.grad = None
+    out = model(features)
+    weights = create_weighting(spec, TASKS).double().backward(TASKS.losses(out.logits, labels, mask), shared,
+                                                              representation=out.representation)
+    torch.testing.assert_close(weights, coefficients)
+    for p, expected in zip([*shared.params, *owned], [*expected_shared, *expected_owned]):
+        torch.testing.assert_close(p.grad, expected)
+
+
+def test_expert_levels_form_z_only_when_asked_and_forming_it_changes_no_gradient():
+    features, labels, mask = batch()
+    results = []
+    for asked in (False, True):
+        torch.manual_seed(0)
+        model = models.create("ple", SCHEMA, num_levels=2, task_experts=1, shared_experts=2, expert_hidden=[5],
+                              tower_hidden=[4]).double()
+        if asked:
+            model.request_representation()
+        out = model(features)
+        assert (out.representation is not None) == asked
+        TASKS.losses(out.logits, labels, mask).sum().backward()
+        results.append([p.grad.clone() for p in model.parameters()])
+        with torch.no_grad():
+            assert model(features).representation is None  # prediction never forms it
+    assert all(torch.equal(a, b) for a, b in zip(*results))

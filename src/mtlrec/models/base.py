@@ -61,6 +61,11 @@ class Backbone(nn.Module):
     gate_experts: dict[str, list[str]] = {}
     has_representation: bool = False
 
+    def request_representation(self) -> None:
+        """From now on, `forward` gives Z (a weighting reads it). Backbones whose Z costs nothing
+        give it always; expert levels form it only when asked (it costs a copy of the
+        experts' outputs)."""
+
     def task_modules(self, task: int) -> list[nn.Module]:
         return []
 
@@ -122,6 +127,10 @@ class MultiTaskModel(nn.Module):
             return x
         encoded = [encoder(s) for encoder, s in zip(self.sequence_encoders, embedding.sequences(features))]
         return torch.cat([x, *encoded], dim=1)
+
+    def request_representation(self) -> None:
+        """Make `forward` give the backbone's shared representation Z (`Backbone.request_representation`)."""
+        self.backbone.request_representation()
 
     @property
     def has_representation(self) -> bool:

@@ -168,6 +168,9 @@ class MMoE(Backbone):
     def task_slices(self, task: int) -> list[tuple[nn.Parameter, Tensor]]:
         return self.level.task_slices(task)
 
+    def request_representation(self) -> None:
+        self.level.form_representation = self.level.has_representation
+
     def forward(self, x: Tensor) -> BackboneOutput:
         out = self.level(x)
         return BackboneOutput(out.task_reps, out.gates, out.penalty, out.representation)

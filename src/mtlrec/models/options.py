@@ -49,7 +49,7 @@ class SequenceEncoderOptions(NamedBlock):
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="after attention and after the feed-forward layer "
                                                            "(the paper: 0.2)")
     output: Literal["concat", "mean", "target"] = Field(
-        "concat", description="concat: every position's vector side by side, padding zeroed (the paper); mean: the "
+        "concat", description="concat: every position's vector side by side, padding zeroed (as the paper's Figure 1 draws it); mean: the "
                               "mean over the real positions; target: the target's position alone (needs "
                               "sequence_target on every pooling: none feature)")
 

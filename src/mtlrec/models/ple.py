@@ -125,6 +125,9 @@ class PLE(Backbone):
             level.has_representation = False
         self.has_representation = self.levels[-1].has_representation
 
+    def request_representation(self) -> None:
+        self.levels[-1].form_representation = self.levels[-1].has_representation  # Z is the last level's
+
     def task_modules(self, task: int) -> list[nn.Module]:
         return [m for level in self.levels for m in level.task_modules(task)]
 

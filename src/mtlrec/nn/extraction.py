@@ -150,6 +150,7 @@ class ExtractionLevel(nn.Module):
             self.gate_top_k = {g: routing.top_k for g in self.gate_names}
         self.sparse = routing is not None and routing.dispatch == "sparse"
         self.has_representation = not self.sparse and (self.representation_experts > 0 or self.always_on is not None)
+        self.form_representation = False  # set by `Backbone.request_representation`: forming Z costs a copy
 
     def task_modules(self, task: int) -> list[nn.Module]:
         return [self.gates[task]]
@@ -167,7 +168,7 @@ class ExtractionLevel(nn.Module):
         experts = None if sparse else self.experts(x)  # [B, E, H]
         always_on = None if sparse else self._always_on(x)  # [B, 1, H]
         representation = None
-        if experts is not None and self.has_representation and torch.is_grad_enabled():  # Z serves training alone
+        if experts is not None and self.form_representation and torch.is_grad_enabled():  # Z serves training alone
             experts, always_on, representation = self._through_representation(experts, always_on)
         b, n_gates = x.shape[-2], len(self.gates)
         if self.fused_gates:

@@ -23,7 +23,9 @@ sequence goes newest first through `layers` blocks (the paper's transformer laye
 
 d being the token width (embedding + position). Padding gets no attention weight; its own
 outputs are zeroed. The encoded list is (`output`): `concat`, every position's vector side
-by side, target first, then newest to oldest, padding zeros (as the paper feeds the MLP);
+by side, target first, then newest to oldest, padding zeros (as the paper's Figure 1 draws
+the transformer's outputs going into the MLP; its text can be read as the target's output
+alone, which is `target`; concat is the default because it also works without a target);
 `mean`, the mean over the real positions (target included); `target`, the target's position
 alone. A list with no element is the target alone, or, without a target, zeros.
 """

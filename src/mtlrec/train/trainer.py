@@ -160,6 +160,7 @@ class Trainer:
         self.task_params = [[p for p in base.task_parameters(k) if id(p) not in fused] for k in range(len(self.tasks))]
         if self.weighting.reads_representation and self.shared.params:
             self._check_representation(base)
+            base.request_representation()
         # data parallel: every gradient averaged after backward; sharded, DistributedDataParallel does the
         # model's (but the fused tables') unless a gradient method runs (`dense_by_hand`)
         by_hand = (not self.sharded or self.dense_by_hand) and not self.ddp

@@ -177,18 +177,18 @@ class GradientMethod(Weighting):
     def update(self, losses: Tensor, shared: SharedParameters, representation: Tensor | None = None) -> SharedUpdate:
         """The change of this step to the shared entries' plain gradient: from the T task
         gradients, by `combine`. Override it for an update that needs no task gradients."""
-        if not self.reads_representation:
+        if self.reads_representation:
+            grads = representation_gradients(self.task_losses(losses), required_representation(representation, self))
+            combined = self.combine(grads, losses, None)  # on Z: grads [T, N]
+            if self.representation_update == "weights":
+                return self.reweighted(combined.weights, losses, shared)
+        else:
             grads = shared.task_gradients(self.task_losses(losses))  # [T, P], task-owned entries 0
             combined = self.combine(grads, losses, shared)
-            plain = grads.sum(0) if combined.plain is None else combined.plain
-            return SharedUpdate(combined.direction - plain, combined.weights)
-        z = required_representation(representation, self)
-        grads = representation_gradients(self.task_losses(losses), z)  # [T, N]
-        combined = self.combine(grads, losses, None)
-        if self.representation_update == "weights":
-            return self.reweighted(combined.weights, losses, shared)
-        plain = grads.sum(0) if combined.plain is None else combined.plain
-        return SharedUpdate(None, combined.weights, on_representation=combined.direction - plain)
+        change = combined.direction - (grads.sum(0) if combined.plain is None else combined.plain)
+        if self.reads_representation:  # a direction on Z: added to Z's gradient in the plain backward pass
+            return SharedUpdate(None, combined.weights, on_representation=change)
+        return SharedUpdate(change, combined.weights)
 
     def reweighted(self, weights: Tensor, losses: Tensor, shared: SharedParameters) -> SharedUpdate:
         """The update sum_k c_k grad L_k on the shared entries, c = `weights` `[T]` (the
@@ -217,6 +217,17 @@ class GradientMethod(Weighting):
         if update.change is not None:
             write_gradient(update.change, shared.params, add=True)  # shared part := direction
         return weights if update.weights is None else update.weights
+
+
+def refuse_representation(weighting: Weighting, name: str) -> None:
+    """For a method whose coefficients scale as 1 / ||g|| (Nash-MTL, FairGrad): `on:
+    representation` is an error. The gradients on Z are about sqrt(B) times smaller than on
+    the parameters, so the coefficients found there would scale the parameters' update by a
+    factor that depends on the batch size."""
+    if weighting.reads_representation:
+        raise ValueError(f"weighting {name!r} cannot take on: representation: its coefficients scale as 1 / ||g||, "
+                         "and the gradients on the representation are about sqrt(batch size) times smaller than on "
+                         "the parameters, so the update would grow with the batch size; use on: parameters")
 
 
 def required_representation(representation: Tensor | None, weighting: Weighting) -> Tensor:

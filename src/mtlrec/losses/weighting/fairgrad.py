@@ -10,8 +10,10 @@ from mtlrec.losses.weighting.base import (
     Combined,
     GradientMethod,
     GradientOptions,
+    refuse_representation,
     register_weighting,
 )
+from mtlrec.tasks import TaskSet
 from mtlrec.train.gradients import SharedParameters
 
 
@@ -34,6 +36,10 @@ class FairGrad(GradientMethod):
     w_k grad L_k. The weights returned (logged) are c_k w_k, the shared update's coefficient on
     each L_k. A task whose gradient is 0 (no labelled rows in the batch) gets c_k = 0.
 
+    `on: representation` is refused, as for Nash-MTL (`refuse_representation`): c scales as
+    1 / ||g||, so c found on the representation would scale the parameters' update with the
+    batch size.
+
     Stateless (the base's step counter only). Under data parallel it acts on each process's
     gradients before the trainer averages them: the mean of the per-process directions.
     """
@@ -42,6 +48,10 @@ class FairGrad(GradientMethod):
         alpha: float = Field(1.0, gt=0, description="fairness: 1 proportional (Nash-MTL's condition), larger "
                              "favours the worse-off task more (max-min as alpha grows)")
         max_norm: float = Field(0.0, ge=0, description="clip the shared update to this norm (0: no clipping)")
+
+    def __init__(self, tasks: TaskSet, options: FairGrad.Options | None = None):
+        super().__init__(tasks, options)
+        refuse_representation(self, "fairgrad")
 
     def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
         """d = G c (clipped); weights c_k w_k, its coefficient on each loss."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, TypeAdapter, model_validator
 from torch import Tensor
 
 from mtlrec.losses.weighting.base import (
@@ -56,7 +56,7 @@ class MGDA(GradientMethod):
         @model_validator(mode="before")
         @classmethod
         def _upper_bound_is_on_representation(cls, values: Any) -> Any:
-            if isinstance(values, dict) and values.get("upper_bound"):
+            if isinstance(values, dict) and TypeAdapter(bool).validate_python(values.get("upper_bound", False)):
                 if values.get("on", "representation") != "representation":
                     raise ValueError(f"upper_bound (MGDA-UB) is on: representation; it contradicts on: {values['on']}")
                 values = {**values, "on": "representation"}

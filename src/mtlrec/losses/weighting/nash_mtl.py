@@ -12,8 +12,7 @@ from mtlrec.losses.weighting.base import (
     GradientOptions,
     SharedUpdate,
     register_weighting,
-    representation_gradients,
-    required_representation,
+    refuse_representation,
     shared_gradient,
 )
 from mtlrec.tasks import TaskSet
@@ -41,13 +40,14 @@ class NashMTL(GradientMethod):
     default 1.0 always rescales d to norm 1. Task-owned entries keep their plain gradient
     w_k grad L_k. The weights returned (logged) are the shared update's coefficients on each L_k.
 
-    With `on: representation` alpha is solved on the gradients on the shared representation Z
-    and weights the whole shared update (`GradientMethod`, "weights"); the clipping then
-    measures d on Z.
+    `on: representation` is refused: alpha scales as 1 / ||g||, and the gradients on Z are
+    about sqrt(B) times smaller than on the parameters, so alpha found on Z would weight the
+    parameters' update by a batch-size-dependent factor that `max_norm`, measured on Z, does
+    not bound (`refuse_representation`).
 
     State: alpha is recomputed every `update_every` steps and kept, with the step counter, in
     buffers (checkpoints carry them); a step that reuses it needs two extra backward passes
-    instead of T (on the representation: one through the towers, one through the model). Under data parallel it acts on each process's gradients before the trainer
+    instead of T. Under data parallel it acts on each process's gradients before the trainer
     averages them: each process solves for its own alpha, and the averaged update is the mean
     of the per-process directions.
     """
@@ -58,6 +58,7 @@ class NashMTL(GradientMethod):
 
     def __init__(self, tasks: TaskSet, options: Options | None = None):
         super().__init__(tasks, options)
+        refuse_representation(self, "nash_mtl")
         self.register_buffer("alpha", torch.ones(self.num_tasks))
 
     def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
@@ -71,10 +72,6 @@ class NashMTL(GradientMethod):
             return super().update(losses, shared, representation)  # T task gradients: `combine`
         weighted = self.base * losses
         alpha = self.alpha.to(losses)
-        if self.reads_representation:  # reuse alpha: d on Z for the clipping, then the weights on the model
-            z = required_representation(representation, self)
-            direction = representation_gradients((alpha * weighted).sum().reshape(1), z)[0]
-            return self.reweighted(self.clipped(alpha, direction).weights, losses, shared)
         # reuse alpha: two backward passes give the plain update and d = sum_k alpha_k g_k
         plain = shared_gradient(weighted.sum(), shared)
         clipped = self.clipped(alpha, shared_gradient((alpha * weighted).sum(), shared))
