@@ -229,7 +229,15 @@ def test_a_model_without_a_representation_is_refused_when_the_trainer_is_built()
 def test_options_that_cannot_run_on_the_representation_are_refused_by_name():
     with pytest.raises(ValueError, match=r"weighting 'db_mtl' option on: representation needs beta: 0, not 0.9"):
         create_weighting({"name": "db_mtl", "on": "representation"}, TASKS)
-    create_weighting({"name": "db_mtl", "on": "representation", "beta": 0.0}, TASKS)
+    weighting = create_weighting({"name": "db_mtl", "on": "representation", "beta": 0.0}, TASKS).double()
+    model = tiny("mmoe", num_experts=3, expert_hidden=[5])
+    features, labels, mask = batch()
+    out = model(features)
+    weighting.backward(TASKS.losses(out.logits, labels, mask), shared_parameters(model, 2),
+                       representation=out.representation)
+    assert weighting.grad_average.numel() == 0  # beta 0: nothing averaged, nothing in checkpoints
+    with pytest.raises(ValueError, match=r"option beta_sigma \(0.5\) has no effect with beta: 0"):
+        create_weighting({"name": "db_mtl", "beta": 0.0, "beta_sigma": 0.5}, TASKS)
     with pytest.raises(ValueError, match=r"weighting 'imtl' option on: representation has no effect with mode 'loss'"):
         create_weighting({"name": "imtl", "mode": "loss", "on": "representation"}, TASKS)
     with pytest.raises(ValueError, match=r"weighting 'pcgrad' option on: Input should be 'parameters' or "

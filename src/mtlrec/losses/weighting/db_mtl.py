@@ -37,7 +37,7 @@ class DBMTL(GradientMethod):
     `backward` returns alpha_k c_k / L_k `[T]`: the weight on grad L_k in the shared update
     when the average is the current gradient (beta = 0); with beta > 0 the past gradients also
     enter. State: the average G in the buffer `grad_average` `[T, P]` (sized at the first step;
-    a loaded checkpoint sets its size). Under data parallel each process averages and balances
+    a loaded checkpoint sets its size; with beta 0 it stays empty: nothing is averaged). Under data parallel each process averages and balances
     its own gradients before the trainer averages them over processes.
 
     `on: representation` needs `beta: 0`: the average G would mix gradients on the
@@ -58,6 +58,9 @@ class DBMTL(GradientMethod):
             raise ValueError(f"weighting 'db_mtl' option on: representation needs beta: 0, not {self.options.beta} "
                              "(a running average of gradients on the representation would mix different batches' "
                              "rows)")
+        if self.options.beta == 0 and self.options.beta_sigma > 0:
+            raise ValueError(f"weighting 'db_mtl' option beta_sigma ({self.options.beta_sigma}) has no effect with "
+                             "beta: 0 (there is no average to decay); remove it or set beta > 0")
         self.register_buffer("grad_average", torch.zeros(self.num_tasks, 0))
 
     def weights(self, losses: Tensor) -> Tensor:
@@ -69,6 +72,9 @@ class DBMTL(GradientMethod):
         return self.base * torch.log(losses + EPS)
 
     def combine(self, grads: Tensor, losses: Tensor, shared: SharedParameters | None) -> Combined:
+        if self.options.beta == 0:  # the current gradient alone: no average to keep (or to checkpoint)
+            alpha = magnitude_scales(grads)
+            return Combined(alpha @ grads, alpha * self.weights(losses))
         if self.grad_average.shape != grads.shape:
             self.grad_average = torch.zeros_like(grads)
         step = self.steps + 1  # t: this step, counted from 1 (`steps` counts the steps before it)
