@@ -23,14 +23,15 @@ from mtlrec.tasks import higher_is_better
 MODELS = ("mmoe", "ple")
 
 
-def load(folder: Path) -> dict[str, dict[tuple[str, int], dict]]:
-    """weighting -> (model, seed) -> run, for one data set's folder (single_task under its own name)."""
-    out = {}
+def load(folder: Path) -> tuple[dict[str, dict[tuple[str, int], dict]], list[str]]:
+    """(weighting -> (model, seed) -> run, the primary metrics) for one data set's folder
+    (single_task under its own name)."""
+    out, metrics = {}, []
     for path in sorted(folder.glob("*/bench.json")):
         summary = json.loads(path.read_text())
         out[path.parent.name] = {(r["model"], r["seed"]): r for r in summary["runs"]}
-        out[path.parent.name]["metrics"] = summary["metrics"]
-    return out
+        metrics = summary["metrics"]
+    return out, metrics
 
 
 def compare(runs: dict, other: dict, model: str, other_model: str, metric: str):
@@ -41,10 +42,9 @@ def compare(runs: dict, other: dict, model: str, other_model: str, metric: str):
                   higher_is_better(metric))
 
 
-def data_set_table(name: str, results: dict) -> tuple[str, list[dict]]:
+def data_set_table(name: str, results: dict, metrics: list[str]) -> tuple[str, list[dict]]:
     """The markdown table of one data set and its comparisons (for the summary)."""
     fixed, single = results.get("fixed"), results.get("single_task")
-    metrics = (fixed or next(iter(results.values())))["metrics"]
     head = ["weighting", *(f"{m.upper()} {metric}" for m in MODELS for metric in metrics),
             *(f"{m.upper()} gain over single-task" for m in MODELS), "train s (MMoE / PLE)"]
     lines = [f"**{name}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -87,16 +87,15 @@ def summary_table(comparisons: list[dict]) -> str:
     """Per weighting, over every (data set, model, metric): how often it beat fixed weighting
     and single-task on every seed, on the mean, and lost on every seed."""
     head = ["weighting", "cells", "> fixed on all seeds", "> fixed on the mean", "< fixed on all seeds",
-            "mean difference to fixed", "> single-task on the mean", "> single-task on all seeds"]
+            "> single-task on the mean", "> single-task on all seeds"]
     rows = []
     weightings = sorted({c["weighting"] for c in comparisons}, key=lambda w: (w != "fixed", w))
     for w in weightings:
         vf = [c["diff"] for c in comparisons if c["weighting"] == w and c["versus"] == "fixed"]
         vs = [c["diff"] for c in comparisons if c["weighting"] == w and c["versus"] == "single_task"]
         cells = max(len(vf), len(vs))
-        fixed_cells = ["–"] * 4 if w == "fixed" else [
-            str(sum(d.won == d.seeds for d in vf)), str(sum(d.mean > 0 for d in vf)), str(sum(d.won == 0 for d in vf)),
-            f"{sum(d.mean for d in vf) / max(1, len(vf)):+.4f}"]
+        fixed_cells = ["–"] * 3 if w == "fixed" else [  # counts only: AUC and MSE differences do not add up
+            str(sum(d.won == d.seeds for d in vf)), str(sum(d.mean > 0 for d in vf)), str(sum(d.won == 0 for d in vf))]
         rows.append([w, str(cells), *fixed_cells, str(sum(d.mean > 0 for d in vs)), str(sum(d.won == d.seeds for d in vs))])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -110,10 +109,10 @@ def main() -> None:
     folders = [args.root / args.data] if args.data else sorted(p for p in args.root.iterdir() if p.is_dir())
     comparisons = []
     for folder in folders:
-        results = load(folder)
+        results, metrics = load(folder)
         if not results:
             continue
-        table, found = data_set_table(folder.name, results)
+        table, found = data_set_table(folder.name, results, metrics)
         comparisons += found
         print(table, end="\n\n")
     print("Summary over data sets, models and tasks (difference signed: positive is better):\n")
