@@ -9,6 +9,7 @@
 #   python benchmarks/weighting_table.py runs/weighting     # the README tables
 #   bash benchmarks/weighting_quality.sh                     # 2 streams, about 2 h on 2 cores
 #   SEEDS=3 STREAMS=1 WEIGHTINGS="fixed pcgrad" bash benchmarks/weighting_quality.sh
+#   ONLY=census_education WEIGHTINGS="fixed mgda" bash benchmarks/weighting_quality.sh   # one data set
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -43,7 +44,9 @@ census_education() {
 synthetic_low() { data_set synthetic_p0.2 configs/demo.yaml --set data.synthetic.correlation=0.2; }
 synthetic_high() { data_set synthetic_p0.9 configs/demo.yaml --set data.synthetic.correlation=0.9; }
 
-if [ "$STREAMS" -ge 2 ]; then
+if [ -n "${ONLY:-}" ]; then   # one data set: ONLY=census_education WEIGHTINGS="fixed pcgrad" ...
+  "$ONLY"
+elif [ "$STREAMS" -ge 2 ]; then
   (census_income; census_education) &
   (synthetic_low; synthetic_high) &
   wait
