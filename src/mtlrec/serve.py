@@ -174,8 +174,8 @@ class Scorer:
         self._dense_of = _tuple_getter(self.dense)
         self.tasks = schema.task_names
         self.task_set = trained.tasks
-        self.classes = {name: [column[len(name) + 1:] for column in trained.tasks.output_names[s]]  # TASK:CLASS
-                        for name, s, width in zip(self.tasks, trained.tasks.slices, trained.tasks.widths) if width > 1}
+        self.classes = {name: kind.class_names for name, kind in zip(self.tasks, trained.tasks.kinds)
+                        if kind.width > 1}  # a multiclass task's class names, as its columns TASK:CLASS name them
         trained.model.cpu().eval()
         probe = _probe_inputs(schema)
         extras = list(torch_outputs(trained, schema, *probe)[1])
