@@ -141,15 +141,11 @@ def test_two_processes_with_lists_train_like_one(tmp_path):
 
 
 def test_a_run_with_lists_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    from test_reliability import interrupted_run
+    from test_reliability import resumed_equals_whole
 
     raw = files_config(tmp_path)
     raw["train"] |= {"epochs": 3, "checkpoint_every": 10}
-    whole = run_experiment(load_config(raw), tmp_path / "whole")
-    interrupted_run(raw, tmp_path / "m", monkeypatch)  # stopped in epoch 2
-    resumed = run_experiment(load_config(raw), tmp_path / "m", resume=True)
-    for name, value in whole.trained.model.state_dict().items():
-        assert torch.equal(value, resumed.trained.model.state_dict()[name]), name
+    resumed_equals_whole(raw, tmp_path, monkeypatch)
 
 
 def test_rank_and_analyze_read_lists(tmp_path):

@@ -59,6 +59,17 @@ def test_resume_refuses_a_changed_trajectory_and_lists_the_fields(config, tmp_pa
         run_experiment(load_config(changed), tmp_path / "m", resume=True)
 
 
+def resumed_equals_whole(raw, folder, monkeypatch):
+    """Train `raw` whole in folder/whole and, interrupted in epoch 2 then resumed, in folder/m;
+    assert the two end with equal weights; return (whole run, resumed run)."""
+    whole = run_experiment(load_config(raw), folder / "whole")
+    interrupted_run(raw, folder / "m", monkeypatch)  # stopped in epoch 2
+    resumed = run_experiment(load_config(raw), folder / "m", resume=True)
+    for name, value in whole.trained.model.state_dict().items():
+        assert torch.equal(value, resumed.trained.model.state_dict()[name]), name
+    return whole, resumed
+
+
 def test_resume_may_add_epochs_and_ends_like_one_run(config, tmp_path, monkeypatch):
     whole = run_experiment(load_config(config | {"train": config["train"] | {"epochs": 3}}), tmp_path / "whole")
     interrupted_run(config, tmp_path / "m", monkeypatch)  # a 2-epoch run stopped in epoch 2

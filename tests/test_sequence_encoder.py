@@ -26,7 +26,7 @@ from mtlrec.serve import create_app
 from mtlrec.trained import TrainedModel, load
 from test_export_lists import inputs_of, onnx_feed, random_table
 from test_inputs_paths import files_config
-from test_reliability import interrupted_run
+from test_reliability import resumed_equals_whole
 
 
 @pytest.fixture(autouse=True)
@@ -294,11 +294,7 @@ def test_streaming_and_in_memory_training_read_the_sequence(tmp_path):
 def test_a_run_with_sequences_resumes_to_the_same_weights_and_loads_to_the_same_predictions(tmp_path, monkeypatch):
     raw = sequence_files_config(tmp_path)
     raw["train"] |= {"epochs": 2, "checkpoint_every": 10}
-    whole = run_experiment(load_config(raw), tmp_path / "whole")
-    interrupted_run(raw, tmp_path / "m", monkeypatch)  # stopped in epoch 2
-    resumed = run_experiment(load_config(raw), tmp_path / "m", resume=True)
-    for name, value in whole.trained.model.state_dict().items():
-        assert torch.equal(value, resumed.trained.model.state_dict()[name]), name
+    whole, _ = resumed_equals_whole(raw, tmp_path, monkeypatch)
     table = pd.read_parquet(raw["data"]["test"])
     np.testing.assert_allclose(load(tmp_path / "m").predict(table), whole.trained.predict(table), rtol=0, atol=1e-6)
 
