@@ -44,10 +44,10 @@ def pool(table: Tensor, ids: Tensor, offsets: Tensor, mode: str, weights: Tensor
 
 
 def padded_rows(table: Tensor, ids: Tensor, lists: Jagged, length: int) -> tuple[Tensor, Tensor]:
-    """(`[N, L, d]` rows, `[N, L]` bool mask), L = `length`: row i's list's table rows in its
-    first slots, in list order, zero rows after them (left-aligned, padded at the end); mask
-    marks the list's elements. table `[R, d]`, ids `[V]` (the rows of `lists.values`). Lists
-    arrive cut to their last max_length elements (the encoder and the export cut them).
+    """(`[N, L, d]` rows, `[N, L]` bool mask), L = `length`: row i's list's table rows (its last
+    L elements when it is longer, `Jagged.padded`) in its first slots, in list order, zero rows
+    after them (left-aligned, padded at the end); mask marks the list's elements. table
+    `[R, d]`, ids `[V]` (the rows of `lists.values`).
 
     Example:
         >>> import torch
