@@ -177,14 +177,10 @@ class GradientMethod(Weighting):
     def update(self, losses: Tensor, shared: SharedParameters, representation: Tensor | None = None) -> SharedUpdate:
         """The change of this step to the shared entries' plain gradient: from the T task
         gradients, by `combine`. Override it for an update that needs no task gradients."""
-        if self.reads_representation:
-            grads = representation_gradients(self.task_losses(losses), required_representation(representation, self))
-            combined = self.combine(grads, losses, None)  # on Z: grads [T, N]
-            if self.representation_update == "weights":
-                return self.reweighted(combined.weights, losses, shared)
-        else:
-            grads = shared.task_gradients(self.task_losses(losses))  # [T, P], task-owned entries 0
-            combined = self.combine(grads, losses, shared)
+        grads = task_gradients(self, self.task_losses(losses), shared, representation)
+        combined = self.combine(grads, losses, None if self.reads_representation else shared)
+        if self.reads_representation and self.representation_update == "weights":
+            return self.reweighted(combined.weights, losses, shared)
         change = combined.direction - (grads.sum(0) if combined.plain is None else combined.plain)
         if self.reads_representation:  # a direction on Z: added to Z's gradient in the plain backward pass
             return SharedUpdate(None, combined.weights, on_representation=change)
@@ -228,6 +224,15 @@ def refuse_representation(weighting: Weighting, name: str) -> None:
         raise ValueError(f"weighting {name!r} cannot take on: representation: its coefficients scale as 1 / ||g||, "
                          "and the gradients on the representation are about sqrt(batch size) times smaller than on "
                          "the parameters, so the update would grow with the batch size; use on: parameters")
+
+
+def task_gradients(weighting: Weighting, losses: Tensor, shared: SharedParameters,
+                   representation: Tensor | None) -> Tensor:
+    """Each loss's gradient where `weighting` takes them: `[T, N]` on the representation Z with
+    `on: representation`, else `[T, P]` on the shared entries (task-owned entries 0)."""
+    if weighting.reads_representation:
+        return representation_gradients(losses, required_representation(representation, weighting))
+    return shared.task_gradients(losses)
 
 
 def required_representation(representation: Tensor | None, weighting: Weighting) -> Tensor:

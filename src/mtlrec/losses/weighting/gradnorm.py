@@ -12,8 +12,7 @@ from mtlrec.losses.weighting.base import (
     GradientOptions,
     Weighting,
     register_weighting,
-    representation_gradients,
-    required_representation,
+    task_gradients,
 )
 from mtlrec.tasks import TaskSet
 from mtlrec.train.gradients import SharedParameters
@@ -55,10 +54,7 @@ class GradNorm(Weighting):
                  representation: Tensor | None = None) -> Tensor:
         if torch.isnan(self.initial).any():
             self.initial.copy_(losses.detach())
-        if self.reads_representation:
-            norms = representation_gradients(losses, required_representation(representation, self)).norm(dim=1)
-        else:
-            norms = SharedParameters.of(shared).task_gradients(losses).norm(dim=1)
+        norms = task_gradients(self, losses, SharedParameters.of(shared), representation).norm(dim=1)
         w = self.task_weights.detach()
         g = w * norms
         ratio = losses.detach() / self.initial.clamp(min=1e-12)
