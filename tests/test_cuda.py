@@ -30,3 +30,75 @@ def test_bf16_autocast_on_cuda(tiny_config, name):
     raw["data"]["synthetic"]["task_types"] = ["binary", "binary"]
     result = run_experiment(load_config(raw))
     assert result.test_metrics["auc/y1"] > 0.7
+
+
+# ------------------------------------------------------------------ the step recorded as a CUDA graph
+def _trained(tiny_config, graph: str, **train):
+    raw = tiny_config | {"train": tiny_config["train"] | {"device": "cuda", "cuda_graph": graph} | train}
+    raw["data"]["synthetic"]["task_types"] = ["binary", "regression"]
+    return run_experiment(load_config(raw))
+
+
+@pytest.mark.parametrize("train", [
+    {},
+    {"weighting": "uncertainty", "clip_grad_norm": 1.0},
+    {"schedule": {"name": "cosine", "warmup_steps": 5}, "precision": "bf16"},
+    {"model_batch_norm": True},
+])
+def test_recorded_steps_train_the_weights_eager_steps_do(tiny_config, train):
+    if train.pop("model_batch_norm", False):
+        tiny_config = tiny_config | {"model": tiny_config["model"] | {"batch_norm": True}}
+    eager, graphed = _trained(tiny_config, "off", **train), _trained(tiny_config, "on", **train)
+    for (name, a), b in zip(eager.trained.model.state_dict().items(), graphed.trained.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
+    for row_e, row_g in zip(eager.history, graphed.history):
+        assert row_g["train/loss"] == pytest.approx(row_e["train/loss"], rel=1e-4)
+        if "lr/all" in row_e:
+            assert row_g["lr/all"] == pytest.approx(row_e["lr/all"])
+
+
+def _trainer(tiny_config, **train):
+    from mtlrec import models
+    from mtlrec.experiment import encode_splits
+    from mtlrec.train.trainer import Trainer
+
+    config = load_config(tiny_config | {"train": tiny_config["train"] | {"device": "cuda", "cuda_graph": "on"} | train})
+    encoded = encode_splits(config)
+    schema = encoded.encoder.schema
+    model = models.create(config.model.name, schema, **config.model.options)
+    return Trainer(model, schema, config.train, seed=config.seed), encoded.train
+
+
+def test_a_recorded_epoch_replays_every_full_batch_and_runs_the_last_eagerly(tiny_config):
+    trainer, train = _trainer(tiny_config, epochs=2)
+    trainer.fit(train)
+    full, last = divmod(len(train), trainer.config.batch_size)
+    assert trainer._graphed_update.replays == 2 * full - trainer._graphed_update.warmup
+    assert trainer.global_step == 2 * (full + (last > 0))
+
+
+def test_recorded_steps_do_not_wait_for_the_device(tiny_config):
+    trainer, train = _trainer(tiny_config, epochs=1)
+    trainer.fit(train)  # warmed up and recorded
+    index = torch.arange(trainer.config.batch_size, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            trainer._step(index)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer._graphed_update.replays > 5
+
+
+def test_recorded_prediction_equals_eager(tiny_config):
+    from mtlrec.experiment import load_splits
+
+    trained = _trained(tiny_config, "on", epochs=1).trained
+    test = load_splits(load_config(tiny_config)).test
+    trained.model.to("cuda")
+    graphed = trained.predict(test, batch_size=256)
+    trained.config = trained.config.model_copy(update={"train": trained.config.train.model_copy(
+        update={"cuda_graph": "off"})})
+    eager = trained.predict(test, batch_size=256)
+    assert graphed.shape == eager.shape
+    assert torch.allclose(torch.tensor(graphed.values), torch.tensor(eager.values), atol=1e-6)

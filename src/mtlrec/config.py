@@ -182,6 +182,17 @@ class TrainConfig(ConfigBlock):
         "fp32", description="bf16: autocast the forward pass to bfloat16; auto: bf16 where the device computes it "
                             "natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), else fp32")
     compile: bool = Field(False, description="torch.compile the model (first steps slower while it compiles)")
+    cuda_graph: Literal["off", "on", "auto"] = Field(
+        "off", description="CUDA: record the training step (and prediction) as a CUDA graph, replayed per batch "
+                           "(mtlrec.train.graphs); on: a run that cannot be recorded is refused, naming why; auto: "
+                           "such a run trains eagerly, saying why once")
+    tf32: bool = Field(False, description="CUDA: fp32 matrix products in TF32 (10-bit mantissa, faster on Ampere and "
+                                          "later); off: full fp32, the numbers a CPU run gives")
+    lr_scaling: Literal["none", "sqrt", "linear"] = Field(
+        "none", description="scale every lr with the batch size: lr x (batch_size / lr_reference_batch), linear, or "
+                            "its square root (sqrt: the rule for Adam); none: the lr as given")
+    lr_reference_batch: int | None = Field(None, ge=1, description="the batch size the lr values were chosen at "
+                                                                    "(read with lr_scaling)")
     checkpoint_every: int | None = Field(
         None, ge=1, description="write a resumable checkpoint every N steps (and at each epoch's end)"
     )
@@ -241,6 +252,9 @@ class TrainConfig(ConfigBlock):
         if self.alternating.ratios is not None and self.alternating.order != "ratio":
             raise ValueError("train.alternating.ratios is read with order 'ratio' only; set order: ratio or "
                              "remove the ratios")
+        if (self.lr_scaling == "none") != (self.lr_reference_batch is None):
+            raise ValueError("train.lr_scaling and train.lr_reference_batch go together: lr_scaling sqrt or linear "
+                             "scales the lr from the batch size lr_reference_batch to train.batch_size")
         if len(set(self.tracking)) != len(self.tracking):
             raise ValueError(f"train.tracking names a tracker twice: {self.tracking}")
         for field, tracker in (("tracking_every", "tensorboard"), ("mlflow_uri", "mlflow")):
@@ -250,14 +264,27 @@ class TrainConfig(ConfigBlock):
         return self
 
 
+    def scaled_lr(self, lr: float) -> float:
+        """A configured lr at this run's batch size (`lr_scaling`): unchanged without scaling;
+        else lr x r (linear) or lr x sqrt(r) (sqrt), r = batch_size / lr_reference_batch.
+
+        Example:
+            >>> TrainConfig(batch_size=4096, lr_scaling="sqrt", lr_reference_batch=1024).scaled_lr(0.001)
+            0.002
+        """
+        if self.lr_scaling == "none":
+            return lr
+        ratio = self.batch_size / self.lr_reference_batch
+        return lr * (ratio if self.lr_scaling == "linear" else ratio**0.5)
+
     @property
     def table_optimizer(self) -> tuple[str, float]:
         """The fused tables' optimizer and learning rate: the 'embedding' group of `optimizers`
-        when there is one, else embedding_optimizer and embedding_lr (or lr)."""
+        when there is one, else embedding_optimizer and embedding_lr (or lr); scaled by `scaled_lr`."""
         group = next((g for g in self.optimizers if g.params == "embedding"), None)
         if group is not None:
-            return group.optimizer, group.lr
-        return self.embedding_optimizer, self.embedding_lr or self.lr
+            return group.optimizer, self.scaled_lr(group.lr)
+        return self.embedding_optimizer, self.scaled_lr(self.embedding_lr or self.lr)
 
     @property
     def fused_tables(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -21,10 +22,12 @@ from mtlrec import models
 from mtlrec.calibration import Calibration, refuse_ordered_outputs
 from mtlrec.config import Experiment, validate_config
 from mtlrec.data.encoder import Encoder
+from mtlrec.data.features import Features
 from mtlrec.folders import DamagedFolder, partial_folder, publish, verify_manifest
 from mtlrec.data.tensors import TensorData
 from mtlrec.tasks import TaskSet
 from mtlrec.train.evaluation import evaluate_logits
+from mtlrec.train.graphs import GraphedCall, matmul_precision
 from mtlrec.train.precision import resolve_precision
 
 WEIGHTS, CONFIG, ENCODER = "model.safetensors", "config.yaml", "encoder.json"
@@ -60,22 +63,31 @@ class TrainedModel:
         it (`self.calibration`), and the model's extra logits (name -> `[N]`, e.g. ESMM's `cvr`)."""
         self.model.eval()
         device = next(self.model.parameters()).device
-        logits, extras = [], {}
         autocast = self.autocast()  # resolved once: the precision the model trained in
-        for b in data.batches(batch_size):
+        names: list[str] = []  # the extra logits' names, in the order `forward` gives them
+
+        def forward(features: Features) -> tuple[torch.Tensor, ...]:
             with autocast:
-                out = self.model(b.to(device).features)
-            logits.append(out.logits.float().cpu())
-            for name, value in out.extra_logits.items():
-                extras.setdefault(name, []).append(value.float().cpu())
-        return self.calibration(torch.cat(logits)), {name: torch.cat(parts) for name, parts in extras.items()}
+                out = self.model(features)
+            names[:] = sorted(out.extra_logits)
+            return out.logits.float(), *(out.extra_logits[name].float() for name in names)
+
+        # on CUDA with train.cuda_graph: every full batch a replay of one recorded forward
+        graphed = device.type == "cuda" and self.config.train.cuda_graph != "off" and not data.lists
+        recorded = GraphedCall(lambda ids, dense: forward(Features(ids, dense)), warmup=1)
+        with matmul_precision(self.config.train.tf32) if device.type == "cuda" else nullcontext():
+            parts = [recorded(b.sparse, b.dense) if graphed else forward(b.features)
+                     for b in data.to(device).batches(batch_size)]  # the rows moved once, the results kept there
+        logits = torch.cat([p[0] for p in parts]).cpu()
+        extras = {name: torch.cat([p[i + 1] for p in parts]).cpu() for i, name in enumerate(names)}
+        return self.calibration(logits), extras
 
     def autocast(self):
         """The precision the model was trained in (`train.precision`, `auto` resolved for the
         model's device): a bf16 autocast context, or one that changes nothing (fp32)."""
         device = next(self.model.parameters()).device
         bf16 = resolve_precision(self.config.train.precision, device) == "bf16"
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)  # graph-safe
 
     def predict(self, table: pd.DataFrame, batch_size: int = 8192) -> pd.DataFrame:
         """One column per task: probability (binary) or value (regression); a multiclass task

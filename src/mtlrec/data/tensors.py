@@ -75,9 +75,15 @@ class TensorData:
             for start in range(0, len(self), batch_size):
                 yield self.rows(start, start + batch_size)
             return
+        for index in self.batch_indices(batch_size, generator):
+            yield self.take(index)
+
+    def batch_indices(self, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """The row indices `[batch_size]` (fewer in the last) of each shuffled batch, on the
+        rows' device: `batches(batch_size, generator)` is `take` of each."""
         order = torch.randperm(len(self), generator=generator).to(self.labels.device)
         for start in range(0, len(self), batch_size):
-            yield self.take(order[start : start + batch_size])
+            yield order[start : start + batch_size]
 
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)

@@ -66,8 +66,8 @@ def group_schedules(config: TrainConfig) -> list[GroupSchedule]:
         [('embedding', 0.1, 'constant'), ('rest', 0.001, 'cosine')]
     """
     if not config.optimizers:
-        return [GroupSchedule("all", config.lr, config.schedule)]
-    return [GroupSchedule(g.params, g.lr, g.schedule or config.schedule) for g in config.optimizers]
+        return [GroupSchedule("all", config.scaled_lr(config.lr), config.schedule)]
+    return [GroupSchedule(g.params, config.scaled_lr(g.lr), g.schedule or config.schedule) for g in config.optimizers]
 
 
 def step_factor(schedule: Schedule, step: int, epoch: int, total_steps: int) -> float:
@@ -168,7 +168,10 @@ class LearningRates:
             if plateau is not None:
                 lr *= plateau.factor
             for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
+                if isinstance(param_group["lr"], torch.Tensor):  # a recorded CUDA graph reads it where it lies
+                    param_group["lr"].fill_(lr)
+                else:
+                    param_group["lr"] = lr
 
     def observe(self, row: dict[str, float]) -> None:
         """Step the plateau factors on an epoch row's `valid/<metric>`."""
@@ -178,7 +181,7 @@ class LearningRates:
 
     def row(self) -> dict[str, float]:
         """`lr/<group>` -> the learning rate each optimizer last stepped with."""
-        return {f"lr/{g.name}": opt.param_groups[0]["lr"] for g, opt in zip(self.groups, self.optimizers)}
+        return {f"lr/{g.name}": float(opt.param_groups[0]["lr"]) for g, opt in zip(self.groups, self.optimizers)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"total_steps": self.total_steps,

@@ -6,7 +6,9 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mtlrec.config import TrainConfig
+from mtlrec.data.features import Features
 from mtlrec.data.source import BatchSource, Shard
 from mtlrec.data.tensors import TensorData
 from mtlrec.losses import create_weighting
@@ -31,6 +34,7 @@ from mtlrec.train.checkpoint import check_resumable, load_checkpoint, rng_state,
 from mtlrec.train.early_stopping import COMBINED, EarlyStopping, PerTaskStopping, combined_score, task_metric
 from mtlrec.train.evaluation import evaluate_logits, validation_keys
 from mtlrec.train.gradients import SharedParameters
+from mtlrec.train.graphs import GraphedCall, capture_blockers, matmul_precision
 from mtlrec.train.optim import build_optimizers
 from mtlrec.train.precision import resolve_precision
 from mtlrec.train.schedules import LearningRates, group_schedules
@@ -103,6 +107,10 @@ class Trainer:
     with the weights an uninterrupted run would have. A non-finite task loss raises
     `NonFiniteLoss` and leaves the last checkpoint written before it untouched.
 
+    On CUDA, `config.cuda_graph` records the step as a CUDA graph (`mtlrec.train.graphs`): the
+    training rows stay on the GPU, each batch is gathered there inside the graph, and the host
+    reads the losses (non-finite check, progress) only every ~2 % of an epoch.
+
     Under torch.distributed (torchrun), every process reads its shard of the data
     (`mtlrec.data.source`), gradients are averaged over the processes, metrics are computed
     on the gathered predictions of the whole split, and rank 0 alone writes logs and checkpoints.
@@ -140,13 +148,16 @@ class Trainer:
         self.tasks = TaskSet(schema).to(self.device)
         self.seed = seed
         self.weighting = create_weighting(config.weighting, self.tasks).to(self.device)
+        self.stepped = stepped_modules(self.model)  # state moved after each step, not by gradients
+        self.graphed = self._graph_decision(schema)  # the step recorded as a CUDA graph
         fused = {id(p) for name, p in self.model.named_parameters() if is_fused_table(name)}  # none: plain tables
         dense_config = config
         if self.tables:  # an 'embedding' group sets the fused tables' optimizer; the rest of the embedding: 'rest'
             dense_config = config.model_copy(update={"optimizers": [g for g in config.optimizers
                                                                     if g.params != "embedding"]})
         self.optimizers = build_optimizers({"": self.model, "weighting": self.weighting}, dense_config,
-                                           skip=is_fused_table if self.tables else None)  # tables update themselves
+                                           skip=is_fused_table if self.tables else None,  # tables update themselves
+                                           capturable=self.graphed)
         self.lr_groups = group_schedules(dense_config)  # one per optimizer; `fit` makes the LearningRates
         self.learning_rates: LearningRates | None = None
         self.clipped = [p for opt in self.optimizers for group in opt.param_groups for p in group["params"]]
@@ -173,7 +184,6 @@ class Trainer:
         # what a checkpoint must match to be resumed: the whole experiment config when known
         self.run_config = run_config if run_config is not None else {"train": config.model_dump(mode="json"),
                                                                       "seed": seed}
-        self.stepped = stepped_modules(self.model)  # state moved after each step, not by gradients
         self.has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
         self.history: list[dict[str, float]] = []
         self.global_step = 0
@@ -193,6 +203,35 @@ class Trainer:
         if self.config.compile:
             raise ValueError(f"train.weighting {name!r} with on: representation cannot run with train.compile: the "
                              "compiled graph gives no gradient on the representation; use one or the other")
+
+    def _graph_decision(self, schema: Schema) -> bool:
+        """Whether the step is recorded as a CUDA graph (`config.cuda_graph`): `on` refuses a run
+        that cannot be, naming why; `auto` says why once and trains eagerly."""
+        config = self.config
+        if config.tf32 and self.device.type != "cuda":
+            warnings.warn(f"train.tf32 applies to CUDA matrix products; this run's device is {self.device}",
+                          RuntimeWarning, stacklevel=3)
+        if config.cuda_graph == "off":
+            return False
+        name = split_spec(config.weighting)[0]
+        groups = config.optimizers or [config]
+        blockers = capture_blockers(
+            device=self.device, world=self.world, fused_tables=self.tables is not None, strategy=config.strategy,
+            weighting=name, weighting_capturable=type(self.weighting).capturable,
+            optimizers=[g.optimizer for g in groups], lists=bool(schema.lists),
+            compile=config.compile, stepped=sorted({type(m).__name__ for m in self.stepped}))
+        return self._graph_or_why(blockers)
+
+    def _graph_or_why(self, blockers: list[str]) -> bool:
+        if not blockers:
+            return True
+        why = "; ".join(blockers)
+        if self.config.cuda_graph == "on":
+            raise ValueError(f"train.cuda_graph on: this run's step cannot be recorded as a CUDA graph: {why}; "
+                             "set cuda_graph: auto (train eagerly where it cannot) or off")
+        if self.rank == 0:
+            warnings.warn(f"train.cuda_graph auto: training eagerly, as {why}", RuntimeWarning, stacklevel=4)
+        return False
 
     def _early_stopping(self, config: TrainConfig) -> EarlyStopping | PerTaskStopping:
         """One stopper for the model; for the single-task baseline (plain tables) one per
@@ -248,8 +287,22 @@ class Trainer:
     # ---------------------------------------------------------------- training
     def fit(self, train: BatchSource, valid: BatchSource | None = None, resume: bool = False) -> list[dict[str, float]]:
         """Train for `config.epochs` (or until early stopping); returns one metrics row per epoch."""
+        if self.graphed and not isinstance(train, TensorData):
+            self.graphed = self._graph_or_why(["data.streaming reads batches from the host; a graph gathers them "
+                                               "from data on the GPU"])
+        with self._matmul_precision():
+            return self._fit(train, valid, resume)
+
+    def _matmul_precision(self):
+        """`config.tf32` on CUDA; elsewhere nothing changes."""
+        return matmul_precision(self.config.tf32) if self.device.type == "cuda" else nullcontext()
+
+    def _fit(self, train: BatchSource, valid: BatchSource | None, resume: bool) -> list[dict[str, float]]:
         source = train.shard(self.rank, self.world).to(self.device)
         generator = torch.Generator().manual_seed(self.seed)  # on the CPU: one batch order on every device
+        if self.graphed:  # one process, in-memory rows (resident on the GPU now): the graph gathers each batch
+            resident = source.data
+            self._graphed_update = GraphedCall(lambda index: self._update(resident.take(index)))
         self.learning_rates = LearningRates(self.optimizers, self.lr_groups,
                                             source.num_batches(self.config.batch_size // self.world),
                                             self.config.epochs, self.config.early_stopping.metric, valid is not None)
@@ -322,18 +375,36 @@ class Trainer:
             row |= module.end_epoch()
         return row
 
-    def _batches(self, source: Shard, generator: torch.Generator, skip: int) -> Iterator[TensorData]:
-        """This epoch's batches of this process, less the first `skip` (trained on before a resume)."""
-        for index, batch in enumerate(source.batches(self.config.batch_size // self.world, generator)):
+    def _batches(self, source: Shard, generator: torch.Generator, skip: int) -> Iterator[TensorData | Tensor]:
+        """This epoch's batches of this process, less the first `skip` (trained on before a resume).
+        With a recorded step, each batch's row indices `[B]` (the graph gathers the rows)."""
+        size = self.config.batch_size // self.world
+        batches = source.data.batch_indices(size, generator) if self.graphed else source.batches(size, generator)
+        for index, batch in enumerate(batches):
             if index >= skip:
                 yield batch
 
-    def _forward(self, batch: TensorData):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.forward(batch.features)
+    def _forward(self, batch: TensorData | Features):
+        features = batch.features if isinstance(batch, TensorData) else batch
+        # autocast's weight cache would hold tensors across a graph's replays: off when recorded
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16",
+                            cache_enabled=not self.graphed):
+            out = self.forward(features)
         return out._replace(logits=out.logits.float())
 
-    def _step(self, batch: TensorData) -> tuple[Tensor, Tensor]:
+    def _step(self, batch: TensorData | Tensor) -> tuple[Tensor, Tensor]:
+        """One optimizer step on a batch (or, recorded, on the rows a `[B]` index picks); the task
+        weights and losses `[T]`. Nothing here waits for the device."""
+        weights, losses = self._graphed_update(batch) if isinstance(batch, Tensor) else self._update(batch)
+        nonfinite = ~torch.isfinite(losses)  # read by _check_finite every few steps
+        self._first_bad = torch.where(nonfinite & (self._first_bad < 0), self.global_step, self._first_bad)
+        self.global_step += 1
+        for callback in self.callbacks:
+            callback.on_step_end(self.global_step, losses, weights)
+        return weights, losses
+
+    def _update(self, batch: TensorData) -> tuple[Tensor, Tensor]:
+        """Forward, backward, optimizer step: all on the device (what a CUDA graph records)."""
         weights, losses = self._forward_backward(batch)
         distributed.average_gradients(self.averaged)
         if self.config.clip_grad_norm is not None:  # the combined gradient, averaged over the processes
@@ -343,19 +414,13 @@ class Trainer:
         for module in self.stepped:
             module.after_optimizer_step()
         self.weighting.after_step()
-        self.global_step += 1
-        weights, losses = weights.detach(), losses.detach()
-        for callback in self.callbacks:
-            callback.on_step_end(self.global_step, losses, weights)
-        return weights, losses
+        return weights.detach(), losses.detach()
 
     def _forward_backward(self, batch: TensorData) -> tuple[Tensor, Tensor]:
         out = self._forward(batch)
         losses = self.tasks.losses(out.logits, batch.labels, batch.mask, batch.weights)
         if self.world > 1:
             losses = self._over_all_processes(losses, batch)
-        nonfinite = ~torch.isfinite(losses.detach())
-        self._first_bad = torch.where(nonfinite & (self._first_bad < 0), self.global_step, self._first_bad)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         if self.config.strategy == "alternating":
@@ -456,8 +521,10 @@ class Trainer:
         self.model.eval()
         logits, labels, masks, weights, groups = [], [], [], [], []
         shard, rows = self._evaluation_shard(data)
+        # recorded: each batch of the split's first shape is a replay (the last, shorter one runs eagerly)
+        graphed = GraphedCall(lambda ids, dense: (self._forward(Features(ids, dense)).logits,), warmup=1)
         for batch in shard.to(self.device).batches(4 * self.config.batch_size):
-            logits.append(self._forward(batch).logits)
+            logits.append(graphed(batch.sparse, batch.dense)[0] if self.graphed else self._forward(batch).logits)
             labels.append(batch.labels)
             masks.append(batch.mask)
             weights.append(batch.weights if batch.weights is not None else torch.ones_like(batch.labels))
@@ -495,7 +562,8 @@ class Trainer:
 
     def evaluate(self, data: BatchSource) -> dict[str, float]:
         """Weighted loss, per-task losses and metrics over the whole split."""
-        logits, targets = self.predict_split(data)
+        with self._matmul_precision():
+            logits, targets = self.predict_split(data)
         return evaluate_logits(self.tasks, logits, targets, self.ranking)
 
     def _log(self, row: dict[str, float]) -> None:

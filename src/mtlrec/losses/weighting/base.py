@@ -81,6 +81,8 @@ class Weighting(nn.Module):
 
     Options: type[WeightingOptions] = WeightingOptions
     needs_task_gradients: ClassVar[bool] = False  # reads each task's gradient of the shared parameters
+    # every step on the device, its state in buffers changed in place: a CUDA graph can record it
+    capturable: ClassVar[bool] = False
 
     def __init__(self, tasks: TaskSet, options: WeightingOptions | None = None):
         super().__init__()

@@ -24,6 +24,8 @@ class Decay(Weighting):
         gamma: float | list[float] = Field(0.9, description="decay per step or epoch: one for all tasks, or one each")
         per: Literal["step", "epoch"] = "epoch"
 
+    capturable = True
+
     def __init__(self, tasks: TaskSet, options: Options | None = None):
         super().__init__(tasks, options)
         gamma, per = self.options.gamma, self.options.per

@@ -24,6 +24,8 @@ class Learnable(Weighting):
     class Options(WeightingOptions):
         entropy: float = Field(1.0, description="lambda, the strength of the entropy term (> 0)")
 
+    capturable = True
+
     def __init__(self, tasks: TaskSet, options: Options | None = None):
         super().__init__(tasks, options)
         entropy = self.options.entropy

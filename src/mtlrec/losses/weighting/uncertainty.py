@@ -20,6 +20,8 @@ class Uncertainty(Weighting):
     with a larger loss gets a smaller weight, and the log term keeps sigma from growing forever.
     """
 
+    capturable = True
+
     def __init__(self, tasks: TaskSet, options: WeightingOptions | None = None):
         super().__init__(tasks, options)
         self.log_vars = nn.Parameter(torch.zeros(self.num_tasks))
