@@ -129,3 +129,30 @@ def test_the_scaled_lr_is_what_the_optimizer_steps_with(tiny_config, one_thread)
         warnings.simplefilter("error")
         result = run_experiment(load_config(raw))
     assert result.history[0]["lr/all"] == pytest.approx(0.02)
+
+
+def test_the_recorded_paths_plumbing_trains_and_predicts_as_the_eager_path(tiny_config, one_thread):
+    """The path a recorded run takes (each batch an index into the resident rows, gathered
+    inside the step; prediction through the recorded forward's call), run without a graph on
+    the CPU: the same weights and predictions as the eager path, to the bit."""
+    from mtlrec import models
+    from mtlrec.experiment import encode_splits
+    from mtlrec.train.trainer import Trainer
+
+    config = load_config(tiny_config | {"train": tiny_config["train"] | {"epochs": 2, "clip_grad_norm": 1.0}})
+    encoded = encode_splits(config)
+    schema = encoded.encoder.schema
+    runs = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        trainer = Trainer(models.create(config.model.name, schema, **config.model.options), schema, config.train,
+                          seed=config.seed)
+        trainer.graphed = graphed  # on a CPU: the indices path, each GraphedCall a plain call
+        history = trainer.fit(encoded.train, encoded.valid)
+        runs.append((trainer, history, trainer.predict_split(encoded.test)[0]))
+    (eager, eager_history, eager_logits), (indexed, indexed_history, indexed_logits) = runs
+    assert indexed._graphed_update.replays == 0 and indexed._graphed_update.graph is None
+    for a, b in zip(eager.model.state_dict().values(), indexed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["train/loss"] for r in eager_history] == [r["train/loss"] for r in indexed_history]
+    assert torch.equal(eager_logits, indexed_logits)

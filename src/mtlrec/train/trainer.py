@@ -302,7 +302,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.seed)  # on the CPU: one batch order on every device
         if self.graphed:  # one process, in-memory rows (resident on the GPU now): the graph gathers each batch
             resident = source.data
-            self._graphed_update = GraphedCall(lambda index: self._update(resident.take(index)))
+            self._graphed_update = GraphedCall(lambda index: self._update(resident.take(index)),
+                                               enabled=self.device.type == "cuda")
         self.learning_rates = LearningRates(self.optimizers, self.lr_groups,
                                             source.num_batches(self.config.batch_size // self.world),
                                             self.config.epochs, self.config.early_stopping.metric, valid is not None)
@@ -522,7 +523,8 @@ class Trainer:
         logits, labels, masks, weights, groups = [], [], [], [], []
         shard, rows = self._evaluation_shard(data)
         # recorded: each batch of the split's first shape is a replay (the last, shorter one runs eagerly)
-        graphed = GraphedCall(lambda ids, dense: (self._forward(Features(ids, dense)).logits,), warmup=1)
+        graphed = GraphedCall(lambda ids, dense: (self._forward(Features(ids, dense)).logits,), warmup=1,
+                              enabled=self.device.type == "cuda")
         for batch in shard.to(self.device).batches(4 * self.config.batch_size):
             logits.append(graphed(batch.sparse, batch.dense)[0] if self.graphed else self._forward(batch).logits)
             labels.append(batch.labels)
