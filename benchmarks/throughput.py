@@ -2,9 +2,10 @@
 
 26 sparse features (vocabularies 10..1000, embedding dim 8), 13 dense, 2 binary tasks;
 PLE: 2 levels, 2 shared + 2 task experts per level, experts (256, 128), towers (64,);
-MMoE: 4 such experts. Batch 1024, Adam 1e-3. Data is random (speed does not depend on it).
+MMoE: 4 such experts. Batch 1024 (--batch), Adam 1e-3. Data is random (speed does not depend on it).
 
     python benchmarks/throughput.py --rows 200000 --device cpu --threads 2
+    python benchmarks/throughput.py --rows 2000000 --device cuda --batch-norm --variants default,graph,graph-tf32
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def main() -> None:
     parser.add_argument("--warmup", action="store_true",
                         help="train and predict on 2,048 rows first, untimed (compile: its compilation happens there)")
     parser.add_argument("--variants", default="default",
-                        help="comma-separated: default, fused-adam, bf16, compile")
+                        help=f"comma-separated: {', '.join(VARIANTS)} (graph*: CUDA only)")
+    parser.add_argument("--batch", type=int, default=1024, help="training batch (prediction: 4x)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # the process's choice: the trainer sets no global state
@@ -59,7 +61,10 @@ def main() -> None:
 
 
 VARIANTS = {"default": {}, "fused-adam": {"fused_optimizer": True}, "bf16": {"precision": "bf16"},
-            "compile": {"compile": True}}
+            "compile": {"compile": True},
+            # CUDA only: the step and prediction recorded as CUDA graphs (mtlrec.train.graphs)
+            "graph": {"cuda_graph": "on"}, "graph-tf32": {"cuda_graph": "on", "tf32": True},
+            "graph-bf16": {"cuda_graph": "on", "precision": "bf16"}}
 
 
 def run(args, variant: str) -> None:
@@ -67,7 +72,7 @@ def run(args, variant: str) -> None:
     print(f"device {args.device}, threads {args.threads or torch.get_num_threads()}, rows {args.rows}, {variant}"
           + (", after a warm-up" if args.warmup else ""))
     for name, options in MODELS.items():
-        config = TrainConfig(epochs=1, batch_size=1024, lr=1e-3, device=args.device, threads=args.threads,
+        config = TrainConfig(epochs=1, batch_size=args.batch, lr=1e-3, device=args.device, threads=args.threads,
                              progress=False, **VARIANTS[variant])
         train_rates, predict_rates = [], []
         for r in range(args.rounds):
