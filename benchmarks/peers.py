@@ -10,7 +10,8 @@ defaults (mtlrec's: no fused optimizer), 1 epoch, 2 threads.
 Every (library, model) trains in a fresh process, rounds interleaved (mtlrec, deepctr,
 rechub, mtlrec, ...), and the median of the rounds is reported: training rows/s through the
 library's trainer (building its data loader included), predict rows/s, peak memory of the
-process, test AUC of both tasks, and achieved GFLOP/s (the model's FLOPs per row, counted by
+process (ru_maxrss; each round's is printed below the table, and mtlrec's against the lowest
+peer's), test AUC of both tasks, and achieved GFLOP/s (the model's FLOPs per row, counted by
 torch's FlopCounterMode, times rows/s) as a share of a plain fp32 matmul on the same machine.
 
 `--workload sequence` adds behaviour histories: s0 becomes the item (1,000 ids, 20 categories
@@ -152,14 +153,24 @@ def flops_per_row(model: torch.nn.Module, batch) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- the three libraries
-def run_mtlrec(model_name, x, y, xt, yt, vocab, precision="fp32"):
+def run_mtlrec(model_name, x, y, xt, yt, vocab, precision="fp32", mark=None):
+    """mtlrec's run; `mark(stage)`, if given, is called after each stage (benchmarks/pipeline_memory.py
+    reads the process's memory there)."""
     import pandas as pd
 
     from mtlrec import models
     from mtlrec.config import TrainConfig
     from mtlrec.data import Encoder
     from mtlrec.schema import Schema
+    from mtlrec.train.callbacks import TrainingCallback
     from mtlrec.train.trainer import Trainer
+
+    mark = mark or (lambda stage: None)
+
+    class FirstStep(TrainingCallback):
+        def on_step_end(self, step, losses, weights):
+            if step == 1:
+                mark("first step")
 
     lists = histories(x)
     attends = model_name == "din" or model_name.endswith("-din")
@@ -184,25 +195,34 @@ def run_mtlrec(model_name, x, y, xt, yt, vocab, precision="fp32"):
     xt = {k: cells(v) if k in lists else v for k, v in xt.items()}
     train_table = pd.DataFrame(x | {t: y[:, j] for j, t in enumerate(task_names)}, copy=False)
     test_table = pd.DataFrame(xt | {t: yt[:, j] for j, t in enumerate(task_names)}, copy=False)
+    mark("tables built")
     start = time.perf_counter()
     encoder = Encoder(schema).fit(train_table)
+    mark("encoder fitted")
     train = encoder.transform(train_table)
+    mark("train encoded")
     torch.manual_seed(0)
     model = models.create("shared_bottom" if model_name == "din" else model_name.removesuffix("-din"),
                           encoder.schema, batch_norm=True, **options)
     config = TrainConfig(epochs=1, batch_size=BATCH, lr=1e-3, progress=False, precision=precision)  # defaults
-    trainer = Trainer(model, encoder.schema, config)
+    trainer = Trainer(model, encoder.schema, config, callbacks=[FirstStep()])
+    mark("model built")
     trainer.fit(train)
     train_seconds = time.perf_counter() - start
+    mark("trained")
     start = time.perf_counter()
     model.eval()
+    test = encoder.transform(test_table, labels=False)
+    mark("test encoded")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         logits = torch.cat([model(b.features).logits.float()  # batches of BATCH rows, as the peers predict
-                            for b in encoder.transform(test_table, labels=False).batches(BATCH)])
+                            for b in test.batches(BATCH)])
     predict_seconds = time.perf_counter() - start
+    mark("predicted")
     probs = torch.sigmoid(logits).numpy()
     b = train.rows(0, BATCH)
     flops = flops_per_row(model, lambda: model(b.features).logits)
+    mark("FLOPs counted")
     return train_seconds, predict_seconds, probs, flops
 
 
@@ -410,12 +430,24 @@ def main() -> None:
                   f" {med['auc0']:>7.4f} {auc1:>7} {med['train_gflops']:>14.1f} {100 * med['train_gflops'] / ceiling:>9.0f}%",
                   flush=True)
         print_bound(medians, ceiling)
+        print_peaks({library: [r["peak_mb"] for r in results[(model_name, library)]] for library in libraries})
         if args.workload == "sequence":
             print_against_peers(medians)
 
 
+def print_peaks(peaks: dict[str, list[float]]) -> None:
+    """Each library's peak memory in every round (the table shows the median), and mtlrec's
+    median against the lowest peer's."""
+    rounds = "; ".join(f"{name} {', '.join(f'{p:.0f}' for p in values)}" for name, values in peaks.items())
+    print(f"{'':>14} peak MB by round: {rounds}")
+    peers = [statistics.median(v) for name, v in peaks.items() if not name.startswith("mtlrec")]
+    if peers and "mtlrec" in peaks:
+        print(f"{'':>14} mtlrec's peak against the lowest peer: {statistics.median(peaks['mtlrec']) - min(peers):+,.0f} MB")
+
+
 def print_against_peers(medians: dict[str, dict]) -> None:
-    """mtlrec (fp32) over the faster peer in rows/s, and its AUC and peak memory against the peers'."""
+    """mtlrec (fp32) over the faster peer in rows/s, and its AUC against the peers' (peak memory:
+    `print_peaks`)."""
     peers = {name: m for name, m in medians.items() if not name.startswith("mtlrec")}
     mine = medians.get("mtlrec")
     if not peers or mine is None:
@@ -424,8 +456,7 @@ def print_against_peers(medians: dict[str, dict]) -> None:
               for kind in ("train", "predict")]
     aucs = [f"AUC {t} {mine[f'auc{i}'] - max(m[f'auc{i}'] for m in peers.values()):+.4f}"
             for i, t in enumerate(("t0", "t1")) if mine[f"auc{i}"] == mine[f"auc{i}"]]
-    memory = mine["peak_mb"] - min(m["peak_mb"] for m in peers.values())
-    print(f"{'':>14} mtlrec against the best peer: {', '.join(ratios)}; {', '.join(aucs)}; peak {memory:+,.0f} MB")
+    print(f"{'':>14} mtlrec against the best peer: {', '.join(ratios)}; {', '.join(aucs)}")
 
 
 def print_bound(medians: dict[str, dict], ceiling: float) -> None:

@@ -100,9 +100,17 @@ def load_splits(config: Experiment, frames: Frames | None = None) -> Splits:
     if valid is None:
         valid, ids["valid"] = table.iloc[valid_rows], _ids(valid_rows, name)
     ids["train"] = _ids(train_rows, name)
-    return Splits(table.iloc[train_rows].reset_index(drop=True), valid.reset_index(drop=True),
+    return Splits(_rows(table, train_rows), valid.reset_index(drop=True),
                   None if test is None else test.reset_index(drop=True),
                   {k: v for k, v in ids.items() if v is not None})
+
+
+def _rows(table: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+    """`table`'s rows at positions `rows`, numbered from 0; when they are all its rows in order
+    (nothing was cut from it), the table itself, renumbered without copying its data."""
+    if len(rows) == len(table) and np.array_equal(rows, np.arange(len(table))):
+        return table.reset_index(drop=True)
+    return table.iloc[rows].reset_index(drop=True)
 
 
 def _cut(table: pd.DataFrame, data, seed: int, cut_valid: bool, cut_test: bool
@@ -305,6 +313,7 @@ def fit(config: str | Path | dict | Experiment, train=None, valid=None, test=Non
         raise ValueError("fit: valid / test tables were given without a train table")
     experiment = _with_source(config, overrides, frames is not None)
     encoded = encode_splits(experiment, frames)
+    del train, valid, test, frames  # training reads the encoded tensors: the tables go, unless the caller keeps them
     return run_experiment(experiment, folder, encoded=encoded, resume=resume, overwrite=overwrite,
                           callbacks=callbacks).trained
 

@@ -163,11 +163,7 @@ class Encoder:
         sparse = np.zeros((n, len(s.singles)), dtype=np.int64)
         for j, f in enumerate(s.singles):
             sparse[:, j] = self._ids(table[f.name], f)
-        lists = []
-        for f in s.lists:
-            split = split_lists(table, f)
-            weights = None if split.weights is None else torch.from_numpy(split.weights)
-            lists.append(Jagged(torch.from_numpy(self._ids(split.elements, f)), torch.from_numpy(split.offsets), weights))
+        lists = [self._jagged(table, f) for f in s.lists]
         dense = self._dense(table)
         label_values = np.zeros((n, len(s.tasks)), dtype=np.float32)
         mask = np.zeros((n, len(s.tasks)), dtype=bool)
@@ -188,17 +184,23 @@ class Encoder:
             torch.from_numpy(label_values), torch.from_numpy(mask), tuple(lists), sample_weights,
         )
 
+    def _jagged(self, table: pd.DataFrame, f: SparseFeature) -> Jagged:
+        """A list column's ids, offsets and element weights (its split elements go on return)."""
+        split = split_lists(table, f)
+        weights = None if split.weights is None else torch.from_numpy(split.weights)
+        return Jagged(torch.from_numpy(self._ids(split.elements, f)), torch.from_numpy(split.offsets), weights)
+
     def _ids(self, column: pd.Series, f: SparseFeature) -> np.ndarray:
         """A column's (or a list column's elements') ids `[N]` int64: vocabulary id 1..n
         (0: unseen or missing) or hash bucket + 1."""
         integers = self._integer_index(f.table) if not f.hash_buckets and _plain_integers(column) else None
         if integers is not None:
-            return integers.get_indexer(column.to_numpy()) + 1
+            return _ids_from_positions(integers.get_indexer(column.to_numpy()))
         values = _categories(column, f.name)
         if f.hash_buckets:
             hashed = pd.util.hash_array(values.fillna("").to_numpy(dtype=object)) % np.uint64(f.hash_buckets)
             return np.where(values.isna().to_numpy(), 0, hashed.astype(np.int64) + 1)
-        return self._index(f.table).get_indexer(values) + 1  # unseen / missing: -1 -> 0
+        return _ids_from_positions(self._index(f.table).get_indexer(values))
 
     def _sample_weights(self, table: pd.DataFrame) -> np.ndarray:
         """`[N, T]` float32: each task's weight column, 1 for a task without one."""
@@ -219,25 +221,26 @@ class Encoder:
         return out
 
     def _dense(self, table: pd.DataFrame) -> np.ndarray:
-        """Scaled dense values `[N, D]` float32, missing -> 0. Plain numeric columns are scaled
-        together as one matrix; others (objects, nullable dtypes) column by column."""
+        """Scaled dense values `[N, D]` float32, missing -> 0: (x - mean) / std in float64, one
+        column at a time, each written into the float32 output as it is done (the working
+        memory is a few float64 columns, not an `[N, D]` float64 copy of the table)."""
         names = [f.name for f in self.raw_schema.dense]
-        mean = np.array([self.scalers[c][0] for c in names])
-        std = np.array([self.scalers[c][1] for c in names])
-        if all(_plain_numbers(table[c]) for c in names):
-            values = table[names].to_numpy(dtype=np.float64).reshape(len(table), len(names))
-        else:
-            values = np.stack([_numeric(table[c], c) for c in names], axis=1)
-        scaled = (values - mean) / std
-        too_large = np.abs(scaled) > np.finfo(np.float32).max  # inf too
-        if too_large.any():
-            j = too_large.any(axis=0).nonzero()[0][0]
-            row = too_large[:, j].nonzero()[0][0]
-            value = table[names[j]].iloc[row]
-            value = value.item() if isinstance(value, np.generic) else value  # 1e+300, not np.float64(1e+300)
-            raise DataError(f"column {names[j]!r}: row {table.index[row]!r} holds {value!r}, "
-                            "out of float32 range after scaling")
-        return np.nan_to_num(scaled, nan=0.0).astype(np.float32)
+        out = np.empty((len(table), len(names)), dtype=np.float32)
+        for j, name in enumerate(names):
+            column = table[name]
+            values = column.to_numpy(dtype=np.float64) if _plain_numbers(column) else _numeric(column, name)
+            mean, std = self.scalers[name]
+            scaled = np.subtract(values, mean)  # a new array: `values` may be the table's own
+            scaled /= std
+            too_large = np.abs(scaled) > np.finfo(np.float32).max  # inf too
+            if too_large.any():
+                row = too_large.nonzero()[0][0]
+                value = column.iloc[row]
+                value = value.item() if isinstance(value, np.generic) else value  # 1e+300, not np.float64(1e+300)
+                raise DataError(f"column {name!r}: row {table.index[row]!r} holds {value!r}, "
+                                "out of float32 range after scaling")
+            out[:, j] = np.nan_to_num(scaled, nan=0.0, copy=False)
+        return out
 
     def _index(self, name: str) -> pd.Index:
         """The vocabulary of a feature as a hashed index, built once."""
@@ -273,6 +276,13 @@ class Encoder:
             state["vocabularies"],
             {k: (float(v[0]), float(v[1])) for k, v in state["scalers"].items()},
         )
+
+
+def _ids_from_positions(positions: np.ndarray) -> np.ndarray:
+    """Vocabulary positions `[N]` (-1: unseen or missing), a fresh array, as ids (0: unseen or
+    missing), in place: no second `[N]` array."""
+    positions += 1
+    return positions
 
 
 def _require_columns(table: pd.DataFrame, names: list[str]) -> None:
