@@ -127,6 +127,9 @@ class Trainer:
             raise ValueError(f"train.batch_size {config.batch_size} must divide by the {self.world} processes")
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)  # auto: bf16 only where native
+        if config.tf32 and self.device.type != "cuda":
+            warnings.warn(f"train.tf32 applies to CUDA matrix products; this run's device is {self.device}",
+                          RuntimeWarning, stacklevel=2)
         self.config = config
         self.plain_model = model.to(self.device)  # what fit leaves trained (the model folder's layout)
         # gradient methods take several gradient passes over one graph, which DistributedDataParallel's
@@ -208,9 +211,6 @@ class Trainer:
         """Whether the step is recorded as a CUDA graph (`config.cuda_graph`): `on` refuses a run
         that cannot be, naming why; `auto` says why once and trains eagerly."""
         config = self.config
-        if config.tf32 and self.device.type != "cuda":
-            warnings.warn(f"train.tf32 applies to CUDA matrix products; this run's device is {self.device}",
-                          RuntimeWarning, stacklevel=3)
         if config.cuda_graph == "off":
             return False
         name = split_spec(config.weighting)[0]
